@@ -1,0 +1,502 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) as Flax modules used purely.
+
+Use the functions at the bottom (`init_params`, `forward`, `forward_with_cache`,
+`reward_forward`): they take a `ModelConfig` and a params pytree of plain arrays.
+
+Axis glossary. Logical names (mapped to mesh axes by `jaxcai.sharding`) and the letters
+used in array names:
+
+    B  batch       examples in a batch
+    T  length      query positions of this call
+    S  cache_length  key/value positions (T without a cache, the cache size with one)
+    D  embed       model width
+    N  heads       query heads
+    K  kv_heads    key/value heads (N % K == 0; K < N is grouped-query attention)
+    H  head_dim    width of one head
+    F  mlp         hidden width of the SwiGLU MLP
+    V  vocab       vocabulary
+    L  layers      stacked layers (with `scan_layers`)
+
+Segment ids mark which example each token belongs to (0 = padding): a token attends
+only to earlier tokens of its own segment, so packed sequences never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcai.model_config import ModelConfig, flops_per_token, param_count, preset
+from jaxcai.sharding import DEFAULT_RULES, Rules, constrain, tree_shardings
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "flops_per_token",
+    "forward",
+    "forward_with_cache",
+    "init_cache",
+    "init_params",
+    "param_count",
+    "param_logical_axes",
+    "param_shardings",
+    "positions_from_segments",
+    "preset",
+    "reward_forward",
+]
+
+Array = jax.Array
+Params = Any
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(
+    module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init: Any = _init
+) -> Array:
+    config: ModelConfig = module.config
+    return module.param(
+        name, nn.with_logical_partitioning(init, names), shape, config.jnp_param_dtype
+    )
+
+
+# ----- rotary embeddings --------------------------------------------------------------
+
+
+def rope_inv_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2], with Llama-3 scaling when `config.rope_scaling` is set."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate halves of each head (the Hugging Face convention) by position-dependent angles."""
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    angles_BT1H = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * jnp.cos(angles_BT1H) + rotated * jnp.sin(angles_BT1H)
+    return out.astype(x_BTNH.dtype)
+
+
+# ----- layers -------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), nn.initializers.ones)
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return x.astype(self.config.jnp_dtype) * scale_D.astype(self.config.jnp_dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: Array,
+        positions_BT: Array,
+        mask_B1TS: Array,
+        cache: tuple[Array, Array] | None,
+        write_index: Array | None,
+    ):
+        c = self.config
+        D, N, K, H, dt = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.jnp_dtype
+        wq = _param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"))
+        wk = _param(self, "k_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"))
+        q = jnp.einsum("btd,dnh->btnh", x_BTD, wq.astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_BTD, wk.astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_BTD, wv.astype(dt))
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
+            k = k + _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+            v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dt)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        inv_freq = rope_inv_frequencies(c)
+        q = apply_rope(q, positions_BT, inv_freq)
+        k = apply_rope(k, positions_BT, inv_freq)
+
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            start = (0, write_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            k = constrain(k, ("batch", "cache_length", "kv_heads", "head_dim"))
+            v = constrain(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+            new_cache = (k, v)
+
+        out = jax.nn.dot_product_attention(
+            q,
+            k.astype(dt),
+            v.astype(dt),
+            mask=mask_B1TS,
+            scale=1.0 / math.sqrt(H),
+            implementation=c.attention_impl,
+        )
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        if c.out_bias:
+            y = y + _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
+        return constrain(y, ("batch", "length", "embed")), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        c = self.config
+        dt = c.jnp_dtype
+        zeros = nn.initializers.zeros
+        gate = jnp.einsum(
+            "btd,df->btf",
+            x_BTD,
+            _param(self, "gate_kernel", (c.d_model, c.d_ff), ("embed", "mlp")).astype(dt),
+        )
+        up = jnp.einsum(
+            "btd,df->btf",
+            x_BTD,
+            _param(self, "up_kernel", (c.d_model, c.d_ff), ("embed", "mlp")).astype(dt),
+        )
+        if c.mlp_bias:
+            gate = gate + _param(self, "gate_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
+            up = up + _param(self, "up_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        wd = _param(self, "down_kernel", (c.d_ff, c.d_model), ("mlp", "embed"))
+        y = jnp.einsum("btf,fd->btd", h, wd.astype(dt))
+        if c.mlp_bias:
+            y = y + _param(self, "down_bias", (c.d_model,), ("embed",), zeros).astype(dt)
+        return constrain(y, ("batch", "length", "embed"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: Array,
+        cache: tuple[Array, Array] | None,
+        positions_BT: Array,
+        mask_B1TS: Array,
+        write_index: Array | None,
+    ):
+        h, new_cache = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x_BTD),
+            positions_BT,
+            mask_B1TS,
+            cache,
+            write_index,
+        )
+        x_BTD = x_BTD + h
+        x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
+        return x_BTD, new_cache
+
+
+class Decoder(nn.Module):
+    """Embedding, `n_layers` blocks, final norm and a head: `lm` logits or `reward` scalars."""
+
+    config: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: Array,
+        positions_BT: Array,
+        mask_B1TS: Array,
+        cache: tuple[Array, Array] | None = None,
+        write_index: Array | None = None,
+    ):
+        c = self.config
+        embed_VD = _param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
+        x = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.jnp_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, new_cache = stack(c, name="layers")(x, cache, positions_BT, mask_B1TS, write_index)
+        else:
+            per_layer = []
+            for i in range(c.n_layers):
+                layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+                x, layer_new = block(c, name=f"layers_{i}")(
+                    x, layer_cache, positions_BT, mask_B1TS, write_index
+                )
+                per_layer.append(layer_new)
+            new_cache = (
+                None
+                if cache is None
+                else tuple(jnp.stack([layer[j] for layer in per_layer]) for j in range(2))
+            )
+        x = RMSNorm(c, name="final_norm")(x)
+
+        if self.head == "reward":
+            w_D = _param(self, "reward_kernel", (c.d_model,), ("embed",))
+            b = _param(self, "reward_bias", (), (), nn.initializers.zeros)
+            out = jnp.einsum(
+                "btd,d->bt", x, w_D.astype(c.jnp_dtype), preferred_element_type=jnp.float32
+            ) + b.astype(jnp.float32)
+            return constrain(out, ("batch", "length")), new_cache
+        if c.tie_embeddings:
+            logits = jnp.einsum(
+                "btd,vd->btv", x, embed_VD.astype(c.jnp_dtype), preferred_element_type=jnp.float32
+            )
+        else:
+            w_DV = _param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
+            logits = jnp.einsum(
+                "btd,dv->btv", x, w_DV.astype(c.jnp_dtype), preferred_element_type=jnp.float32
+            )
+        return constrain(logits, ("batch", "length", "vocab")), new_cache
+
+
+# ----- masks and positions ------------------------------------------------------------
+
+
+def positions_from_segments(segment_ids_BT: Array) -> Array:
+    """Position of each token within its segment (restarting at 0 where the id changes)."""
+    B, T = segment_ids_BT.shape
+    idx_T = jnp.arange(T, dtype=jnp.int32)
+    prev = jnp.concatenate([jnp.full((B, 1), -1, segment_ids_BT.dtype), segment_ids_BT[:, :-1]], 1)
+    starts_BT = jnp.where(segment_ids_BT != prev, idx_T, 0)
+    return idx_T - jax.lax.cummax(starts_BT, axis=1)
+
+
+def attention_mask(
+    q_slots_T: Array,
+    kv_slots_S: Array,
+    q_seg_BT: Array,
+    kv_seg_BS: Array,
+    sliding_window: int | None,
+) -> Array:
+    """[B, 1, T, S] bool: causal by slot, same segment, within the sliding window if any."""
+    allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
+    if sliding_window is not None:
+        allowed_TS &= q_slots_T[:, None] - kv_slots_S[None, :] < sliding_window
+    same_BTS = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
+    return (allowed_TS[None] & same_BTS)[:, None]
+
+
+def _defaults(
+    tokens_BT: Array, segment_ids_BT: Array | None, positions_BT: Array | None
+) -> tuple[Array, Array]:
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    if positions_BT is None:
+        positions_BT = positions_from_segments(segment_ids_BT)
+    return segment_ids_BT, positions_BT
+
+
+# ----- the pure API -------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, [L, B, S, K, H]; `index` is the next slot to write."""
+
+    k: Array
+    v: Array
+    segment_ids: Array  # [B, S], 0 marks empty slots and padding
+    index: Array  # [] int32
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_params(config: ModelConfig, rng: Array, *, head: str = "lm") -> Params:
+    """Randomly initialised params (plain arrays) of the LM (`head="lm"`) or reward model."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    variables = Decoder(config, head).init(rng, tokens, tokens, mask)
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig, *, head: str = "lm") -> Params:
+    """A tree like the params whose leaves are tuples of logical axis names."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, 1, 1, 1), bool)
+    boxed = jax.eval_shape(
+        lambda: Decoder(config, head).init(
+            jax.random.key(0),
+            jnp.zeros(tokens.shape, tokens.dtype),
+            jnp.zeros(tokens.shape, tokens.dtype),
+            jnp.ones(mask.shape, bool),
+        )
+    )["params"]
+    return jax.tree_util.tree_map(
+        lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def param_shapes(config: ModelConfig, *, head: str = "lm") -> Params:
+    """A tree of `jax.ShapeDtypeStruct` like the params, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), head=head))
+
+
+def param_shardings(
+    config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES, *, head: str = "lm"
+) -> Params:
+    """A `NamedSharding` per parameter, from its logical axes and `rules`."""
+    return tree_shardings(
+        param_logical_axes(config, head=head), param_shapes(config, head=head), mesh, rules
+    )
+
+
+def init_sharded(
+    config: ModelConfig,
+    rng: Array,
+    mesh: jax.sharding.Mesh,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    head: str = "lm",
+) -> Params:
+    """`init_params` created directly in its shards (no full copy on one device)."""
+    shardings = param_shardings(config, mesh, rules, head=head)
+    return jax.jit(lambda r: init_params(config, r, head=head), out_shardings=shardings)(rng)
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> Array:
+    """Logits [B, T, V] in float32 for a batch of (optionally packed, padded) sequences.
+
+    `segment_ids_BT` (default all ones) keeps packed examples apart, 0 marks padding;
+    `positions_BT` defaults to the index of each token within its segment.
+    """
+    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+    slots_T = jnp.arange(tokens_BT.shape[1])
+    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    logits, _ = Decoder(config, "lm").apply({"params": params}, tokens_BT, positions_BT, mask)
+    return logits
+
+
+def reward_forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> Array:
+    """Scalar rewards [B] read at the last non-padding token of each row.
+
+    `params` come from `init_params(config, rng, head="reward")` (or a language model's
+    params with the head swapped by `to_reward_params`).
+    """
+    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+    slots_T = jnp.arange(tokens_BT.shape[1])
+    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    scores_BT, _ = Decoder(config, "reward").apply(
+        {"params": params}, tokens_BT, positions_BT, mask
+    )
+    last_B = jnp.max(jnp.where(segment_ids_BT != 0, slots_T, -1), axis=1)
+    last_B = jnp.maximum(last_B, 0)  # an all-padding row reads slot 0 rather than wrapping
+    return jnp.take_along_axis(scores_BT, last_B[:, None], axis=1)[:, 0]
+
+
+def to_reward_params(config: ModelConfig, lm_params: Params, rng: Array) -> Params:
+    """A reward model's params from a language model's: same backbone, fresh scalar head."""
+    fresh = init_params(config.replace(n_layers=1), rng, head="reward")
+    params = {k: v for k, v in lm_params.items() if k != "lm_head"}
+    params["reward_kernel"] = fresh["reward_kernel"]
+    params["reward_bias"] = fresh["reward_bias"]
+    return params
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
+    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    dtype = config.jnp_dtype if dtype is None else dtype
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def forward_with_cache(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    cache: KVCache,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> tuple[Array, KVCache]:
+    """Run T new tokens against the cache (prefill with T > 1, decode with T = 1).
+
+    The tokens are written at slots `cache.index ... cache.index + T - 1` and attend to
+    every earlier slot of their own segment. `positions_BT` defaults to the slot index;
+    left-padded prompts should pass positions counted from their first real token.
+    The caller keeps `cache.index + T <= cache.max_len` (past it, writes are clamped).
+    """
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    q_slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(q_slots_T, (B, T))
+    kv_seg_BS = jax.lax.dynamic_update_slice(
+        cache.segment_ids, segment_ids_BT.astype(jnp.int32), (0, cache.index)
+    )
+    kv_slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+    mask = attention_mask(q_slots_T, kv_slots_S, segment_ids_BT, kv_seg_BS, config.sliding_window)
+    logits, (k, v) = Decoder(config, "lm").apply(
+        {"params": params}, tokens_BT, positions_BT, mask, (cache.k, cache.v), cache.index
+    )
+    return logits, KVCache(k=k, v=v, segment_ids=kv_seg_BS, index=cache.index + T)

@@ -1,0 +1,296 @@
+"""`ModelConfig`: every shape and numeric choice of a Llama-family decoder.
+
+A config is a frozen dataclass, so it is hashable and can be a static argument of
+`jax.jit`. Presets reproduce the published shapes of real checkpoints; the YAML files
+under `configs/model/` carry the same values for Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style rotary frequency scaling (`rope_type: llama3` in Hugging Face)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a decoder-only transformer of the Llama family.
+
+    `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
+    activations and matmuls (fp32 params with bf16 compute is the usual training setup).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int | None = None  # defaults to d_model // n_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
+    out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral-style local attention window, in tokens
+    model_type: str = "llama"  # Hugging Face architecture used when saving
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None  # None lets JAX pick (cuDNN flash attention on GPU)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig: d_model={self.d_model} is not divisible by "
+                    f"n_heads={self.n_heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r}; "
+                f"choose one of {ATTENTION_IMPLS}"
+            )
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"ModelConfig.model_type={self.model_type!r}; choose one of {MODEL_TYPES}"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError("ModelConfig.sliding_window must be positive or None")
+        for name in ("param_dtype", "dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is no dtype") from e
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Build from a plain mapping (a Hydra/OmegaConf node works); unknown keys fail."""
+        values = dict(values)
+        values.pop("_target_", None)
+        values.pop("name", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"ModelConfig: unknown fields {unknown}; known fields are {sorted(known)}"
+            )
+        if values.get("rope_scaling") is not None:
+            values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+        return cls(**values)
+
+    # ----- presets ---------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ModelConfig:
+        """Two layers, 64 wide, GQA 4:2; fits the bundled 1024-piece tokenizer and CPU tests."""
+        return cls(
+            vocab_size=1024,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=128,
+            max_seq_len=256,
+            tie_embeddings=True,
+        ).replace(**overrides)
+
+    @classmethod
+    def small(cls, **overrides: Any) -> ModelConfig:
+        """About 100M parameters (12 layers, 768 wide) with a 32k vocabulary."""
+        return cls(
+            vocab_size=32_000,
+            d_model=768,
+            n_layers=12,
+            n_heads=12,
+            n_kv_heads=4,
+            d_ff=2048,
+            max_seq_len=2048,
+            rope_theta=10_000.0,
+        ).replace(**overrides)
+
+    @classmethod
+    def llama3_2_1b(cls, **overrides: Any) -> ModelConfig:
+        return cls(
+            vocab_size=128_256,
+            d_model=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=8192,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_theta=500_000.0,
+            rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+            max_seq_len=131_072,
+            tie_embeddings=True,
+            model_type="llama",
+        ).replace(**overrides)
+
+    @classmethod
+    def llama3_1_8b(cls, **overrides: Any) -> ModelConfig:
+        return cls(
+            vocab_size=128_256,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=14_336,
+            rms_norm_eps=1e-5,
+            rope_theta=500_000.0,
+            rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+            max_seq_len=131_072,
+            model_type="llama",
+        ).replace(**overrides)
+
+    @classmethod
+    def qwen2_5_0_5b(cls, **overrides: Any) -> ModelConfig:
+        return cls(
+            vocab_size=151_936,
+            d_model=896,
+            n_layers=24,
+            n_heads=14,
+            n_kv_heads=2,
+            d_ff=4864,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            max_seq_len=32_768,
+            tie_embeddings=True,
+            qkv_bias=True,
+            model_type="qwen2",
+        ).replace(**overrides)
+
+    @classmethod
+    def qwen2_5_7b(cls, **overrides: Any) -> ModelConfig:
+        return cls(
+            vocab_size=152_064,
+            d_model=3584,
+            n_layers=28,
+            n_heads=28,
+            n_kv_heads=4,
+            d_ff=18_944,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            max_seq_len=32_768,
+            qkv_bias=True,
+            model_type="qwen2",
+        ).replace(**overrides)
+
+    @classmethod
+    def mistral_7b(cls, **overrides: Any) -> ModelConfig:
+        """Mistral-7B-v0.1: 4096-token sliding-window attention."""
+        return cls(
+            vocab_size=32_000,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=14_336,
+            rms_norm_eps=1e-5,
+            rope_theta=10_000.0,
+            max_seq_len=32_768,
+            sliding_window=4096,
+            model_type="mistral",
+        ).replace(**overrides)
+
+
+PRESETS = {
+    "tiny": ModelConfig.tiny,
+    "small": ModelConfig.small,
+    "llama3.2-1b": ModelConfig.llama3_2_1b,
+    "llama3.1-8b": ModelConfig.llama3_1_8b,
+    "qwen2.5-0.5b": ModelConfig.qwen2_5_0_5b,
+    "qwen2.5-7b": ModelConfig.qwen2_5_7b,
+    "mistral-7b": ModelConfig.mistral_7b,
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name (`tiny`, `small`, `llama3.2-1b`, ...), with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters of the language model (reward head excluded)."""
+    d, h, hd = config.d_model, config.n_heads, config.head_dim
+    kv = config.n_kv_heads
+    attn = d * hd * (h + 2 * kv) + h * hd * d
+    if config.qkv_bias:
+        attn += hd * (h + 2 * kv)
+    if config.out_bias:
+        attn += d
+    mlp = 3 * d * config.d_ff + (2 * config.d_ff + d if config.mlp_bias else 0)
+    per_layer = attn + mlp + 2 * d
+    embed = config.vocab_size * d
+    head = 0 if config.tie_embeddings else d * config.vocab_size
+    return embed + head + config.n_layers * per_layer + d
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
+
+    The standard estimate `6 * N + 6 * n_layers * seq_len * n_heads * head_dim`:
+    `6 N` counts the weight matmuls (2 FLOPs per multiply-add, forward plus a backward
+    twice as costly), where N is every parameter used in a matmul: all parameters minus
+    the input embedding table (a lookup), plus the output projection even when it is tied
+    to that table. The attention term is the `Q K^T` and `A V` matmuls,
+    `2 * 2 * seq_len * n_heads * head_dim` per layer and token forward, times 3 for
+    training, halved because a causal mask leaves half the score matrix unused.
+    Norms, RoPE and softmax are left out (they are a few percent at most).
+    """
+    embed = config.vocab_size * config.d_model
+    n_matmul = param_count(config) - embed + (embed if config.tie_embeddings else 0)
+    attention = 6 * config.n_layers * seq_len * config.n_heads * config.head_dim
+    return 6.0 * n_matmul + attention
