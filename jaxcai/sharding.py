@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -76,9 +76,11 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
     config = config or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape(len(devices))
+    # Auto axes: shardings propagate through jit (GSPMD) and constraints are hints.
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:

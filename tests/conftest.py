@@ -25,21 +25,32 @@ HF_CASES = {
     "llama_gqa_rope3": dict(
         cls="LlamaForCausalLM",
         kwargs=dict(
-            num_key_value_heads=2, tie_word_embeddings=False,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
             rope_theta=500_000.0,
         ),
     ),
-    "llama_tied": dict(cls="LlamaForCausalLM",
-                       kwargs=dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama_biases": dict(cls="LlamaForCausalLM",
-                         kwargs=dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "qwen2": dict(cls="Qwen2ForCausalLM",
-                  kwargs=dict(num_key_value_heads=2, tie_word_embeddings=True,
-                              rope_theta=1_000_000.0)),
-    "mistral_window": dict(cls="MistralForCausalLM",
-                           kwargs=dict(num_key_value_heads=2, sliding_window=5, head_dim=24)),
+    "llama_tied": dict(
+        cls="LlamaForCausalLM", kwargs=dict(num_key_value_heads=4, tie_word_embeddings=True)
+    ),
+    "llama_biases": dict(
+        cls="LlamaForCausalLM",
+        kwargs=dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    ),
+    "qwen2": dict(
+        cls="Qwen2ForCausalLM",
+        kwargs=dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1_000_000.0),
+    ),
+    "mistral_window": dict(
+        cls="MistralForCausalLM", kwargs=dict(num_key_value_heads=2, sliding_window=5, head_dim=24)
+    ),
 }
 
 
@@ -52,8 +63,13 @@ def make_hf_model(case: str, seed: int = 0):
     cls = getattr(transformers, spec["cls"])
     config_cls = cls.config_class
     config = config_cls(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
         **spec["kwargs"],
     )
     config._attn_implementation = "eager"
