@@ -24,6 +24,7 @@ only to earlier tokens of its own segment, so packed sequences never mix.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -352,6 +353,7 @@ class KVCache:
         return self.k.shape[2]
 
 
+@partial(jax.jit, static_argnames=("config", "head"))
 def init_params(config: ModelConfig, rng: Array, *, head: str = "lm") -> Params:
     """Randomly initialised params (plain arrays) of the LM (`head="lm"`) or reward model."""
     tokens = jnp.zeros((1, 1), jnp.int32)

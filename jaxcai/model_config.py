@@ -76,8 +76,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.head_dim must be positive and even (RoPE), got {self.head_dim}"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}"
@@ -95,6 +97,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.sliding_window must be positive or None")
         for name in ("param_dtype", "dtype"):
             try:
+                if not isinstance(getattr(self, name), str):
+                    raise TypeError
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is no dtype") from e
@@ -135,113 +139,134 @@ class ModelConfig:
     def tiny(cls, **overrides: Any) -> ModelConfig:
         """Two layers, 64 wide, GQA 4:2; fits the bundled 1024-piece tokenizer and CPU tests."""
         return cls(
-            vocab_size=1024,
-            d_model=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            d_ff=128,
-            max_seq_len=256,
-            tie_embeddings=True,
-        ).replace(**overrides)
+            **{
+                "vocab_size": 1024,
+                "d_model": 64,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "d_ff": 128,
+                "max_seq_len": 256,
+                "tie_embeddings": True,
+                **overrides,
+            }
+        )
 
     @classmethod
     def small(cls, **overrides: Any) -> ModelConfig:
         """About 100M parameters (12 layers, 768 wide) with a 32k vocabulary."""
         return cls(
-            vocab_size=32_000,
-            d_model=768,
-            n_layers=12,
-            n_heads=12,
-            n_kv_heads=4,
-            d_ff=2048,
-            max_seq_len=2048,
-            rope_theta=10_000.0,
-        ).replace(**overrides)
+            **{
+                "vocab_size": 32_000,
+                "d_model": 768,
+                "n_layers": 12,
+                "n_heads": 12,
+                "n_kv_heads": 4,
+                "d_ff": 2048,
+                "max_seq_len": 2048,
+                "rope_theta": 10_000.0,
+                **overrides,
+            }
+        )
 
     @classmethod
     def llama3_2_1b(cls, **overrides: Any) -> ModelConfig:
         return cls(
-            vocab_size=128_256,
-            d_model=2048,
-            n_layers=16,
-            n_heads=32,
-            n_kv_heads=8,
-            d_ff=8192,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-            rope_theta=500_000.0,
-            rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-            max_seq_len=131_072,
-            tie_embeddings=True,
-            model_type="llama",
-        ).replace(**overrides)
+            **{
+                "vocab_size": 128_256,
+                "d_model": 2048,
+                "n_layers": 16,
+                "n_heads": 32,
+                "n_kv_heads": 8,
+                "d_ff": 8192,
+                "head_dim": 64,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500_000.0,
+                "rope_scaling": RopeScaling(32.0, 1.0, 4.0, 8192),
+                "max_seq_len": 131_072,
+                "tie_embeddings": True,
+                "model_type": "llama",
+                **overrides,
+            }
+        )
 
     @classmethod
     def llama3_1_8b(cls, **overrides: Any) -> ModelConfig:
         return cls(
-            vocab_size=128_256,
-            d_model=4096,
-            n_layers=32,
-            n_heads=32,
-            n_kv_heads=8,
-            d_ff=14_336,
-            rms_norm_eps=1e-5,
-            rope_theta=500_000.0,
-            rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-            max_seq_len=131_072,
-            model_type="llama",
-        ).replace(**overrides)
+            **{
+                "vocab_size": 128_256,
+                "d_model": 4096,
+                "n_layers": 32,
+                "n_heads": 32,
+                "n_kv_heads": 8,
+                "d_ff": 14_336,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500_000.0,
+                "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8192),
+                "max_seq_len": 131_072,
+                "model_type": "llama",
+                **overrides,
+            }
+        )
 
     @classmethod
     def qwen2_5_0_5b(cls, **overrides: Any) -> ModelConfig:
         return cls(
-            vocab_size=151_936,
-            d_model=896,
-            n_layers=24,
-            n_heads=14,
-            n_kv_heads=2,
-            d_ff=4864,
-            rms_norm_eps=1e-6,
-            rope_theta=1_000_000.0,
-            max_seq_len=32_768,
-            tie_embeddings=True,
-            qkv_bias=True,
-            model_type="qwen2",
-        ).replace(**overrides)
+            **{
+                "vocab_size": 151_936,
+                "d_model": 896,
+                "n_layers": 24,
+                "n_heads": 14,
+                "n_kv_heads": 2,
+                "d_ff": 4864,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1_000_000.0,
+                "max_seq_len": 32_768,
+                "tie_embeddings": True,
+                "qkv_bias": True,
+                "model_type": "qwen2",
+                **overrides,
+            }
+        )
 
     @classmethod
     def qwen2_5_7b(cls, **overrides: Any) -> ModelConfig:
         return cls(
-            vocab_size=152_064,
-            d_model=3584,
-            n_layers=28,
-            n_heads=28,
-            n_kv_heads=4,
-            d_ff=18_944,
-            rms_norm_eps=1e-6,
-            rope_theta=1_000_000.0,
-            max_seq_len=32_768,
-            qkv_bias=True,
-            model_type="qwen2",
-        ).replace(**overrides)
+            **{
+                "vocab_size": 152_064,
+                "d_model": 3584,
+                "n_layers": 28,
+                "n_heads": 28,
+                "n_kv_heads": 4,
+                "d_ff": 18_944,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1_000_000.0,
+                "max_seq_len": 32_768,
+                "qkv_bias": True,
+                "model_type": "qwen2",
+                **overrides,
+            }
+        )
 
     @classmethod
     def mistral_7b(cls, **overrides: Any) -> ModelConfig:
         """Mistral-7B-v0.1: 4096-token sliding-window attention."""
         return cls(
-            vocab_size=32_000,
-            d_model=4096,
-            n_layers=32,
-            n_heads=32,
-            n_kv_heads=8,
-            d_ff=14_336,
-            rms_norm_eps=1e-5,
-            rope_theta=10_000.0,
-            max_seq_len=32_768,
-            sliding_window=4096,
-            model_type="mistral",
-        ).replace(**overrides)
+            **{
+                "vocab_size": 32_000,
+                "d_model": 4096,
+                "n_layers": 32,
+                "n_heads": 32,
+                "n_kv_heads": 8,
+                "d_ff": 14_336,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10_000.0,
+                "max_seq_len": 32_768,
+                "sliding_window": 4096,
+                "model_type": "mistral",
+                **overrides,
+            }
+        )
 
 
 PRESETS = {

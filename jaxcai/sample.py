@@ -26,19 +26,26 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        segments[i, width - len(p):] = 1
+        tokens[i, width - len(p) :] = p
+        segments[i, width - len(p) :] = 1
     return tokens, segments
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _greedy(config: ModelConfig, params: Params, tokens_BP: jax.Array, segments_BP: jax.Array,
-            max_new_tokens: int, eos_id: int) -> jax.Array:
+def _greedy(
+    config: ModelConfig,
+    params: Params,
+    tokens_BP: jax.Array,
+    segments_BP: jax.Array,
+    max_new_tokens: int,
+    eos_id: int,
+) -> jax.Array:
     B, P = tokens_BP.shape
     cache = init_cache(config, B, P + max_new_tokens)
     positions_BP = jnp.maximum(jnp.cumsum(segments_BP, axis=1) - 1, 0)
-    logits, cache = forward_with_cache(config, params, tokens_BP, cache,
-                                       segment_ids_BT=segments_BP, positions_BT=positions_BP)
+    logits, cache = forward_with_cache(
+        config, params, tokens_BP, cache, segment_ids_BT=segments_BP, positions_BT=positions_BP
+    )
     first_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
     state = (1, first_B, positions_BP[:, -1] + 1, first_B == eos_id, out_BN, cache)
@@ -49,8 +56,9 @@ def _greedy(config: ModelConfig, params: Params, tokens_BP: jax.Array, segments_
 
     def decode_one(state):
         step, last_B, pos_B, done_B, out_BN, cache = state
-        logits, cache = forward_with_cache(config, params, last_B[:, None], cache,
-                                           positions_BT=pos_B[:, None])
+        logits, cache = forward_with_cache(
+            config, params, last_B[:, None], cache, positions_BT=pos_B[:, None]
+        )
         next_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         next_B = jnp.where(done_B, eos_id, next_B)
         out_BN = out_BN.at[:, step].set(next_B)
@@ -59,9 +67,15 @@ def _greedy(config: ModelConfig, params: Params, tokens_BP: jax.Array, segments_
     return jax.lax.while_loop(keep_going, decode_one, state)[4]
 
 
-def greedy_generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, pad_id: int = 0, eos_id: int | None = None
-                    ) -> list[list[int]]:
+def greedy_generate(
+    config: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int = 0,
+    eos_id: int | None = None,
+) -> list[list[int]]:
     """Greedy continuations of id-list prompts; each stops before its first `eos_id`."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -69,10 +83,12 @@ def greedy_generate(config: ModelConfig, params: Params, prompts: Sequence[Seque
     if tokens.shape[1] + max_new_tokens > config.max_seq_len:
         raise ValueError(
             f"prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-            f"max_seq_len {config.max_seq_len}")
+            f"max_seq_len {config.max_seq_len}"
+        )
     stop = -1 if eos_id is None else eos_id
-    out = np.asarray(_greedy(config, params, jnp.asarray(tokens), jnp.asarray(segments),
-                             max_new_tokens, stop))
+    out = np.asarray(
+        _greedy(config, params, jnp.asarray(tokens), jnp.asarray(segments), max_new_tokens, stop)
+    )
     results = []
     for row in out.tolist():
         results.append(row[: row.index(stop)] if stop in row else row)

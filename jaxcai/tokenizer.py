@@ -23,8 +23,18 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-__all__ = ["ROLES", "ConversationError", "EncodedConversation", "Tokenizer", "Turn", "TurnSpan",
-           "default_tokenizer_path", "format_conversation", "load", "parse_conversation"]
+__all__ = [
+    "ROLES",
+    "ConversationError",
+    "EncodedConversation",
+    "Tokenizer",
+    "Turn",
+    "TurnSpan",
+    "default_tokenizer_path",
+    "format_conversation",
+    "load",
+    "parse_conversation",
+]
 
 ROLES = ("Human", "Assistant")
 _HEADER = re.compile(r"\n\n(Human|Assistant):")
@@ -62,8 +72,9 @@ def _header(role: str) -> str:
     return f"\n\n{role}:"
 
 
-def format_conversation(turns: Sequence[Turn | tuple[str, str]], *,
-                        open_assistant: bool = False) -> str:
+def format_conversation(
+    turns: Sequence[Turn | tuple[str, str]], *, open_assistant: bool = False
+) -> str:
     """Join turns as `\\n\\nHuman: ...\\n\\nAssistant: ...`.
 
     With `open_assistant`, an empty `\\n\\nAssistant:` header is appended for the model to
@@ -84,11 +95,12 @@ def _turn_bounds(text: str) -> list[tuple[str, int, int]]:
     if not headers or headers[0].start() != 0:
         raise ConversationError(
             "a conversation must start with '\\n\\nHuman:' or '\\n\\nAssistant:', got "
-            f"{text[:40]!r}")
+            f"{text[:40]!r}"
+        )
     bounds = []
     for i, m in enumerate(headers):
         end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
-        start = m.end() + (1 if text[m.end():m.end() + 1] == " " else 0)
+        start = m.end() + (1 if text[m.end() : m.end() + 1] == " " else 0)
         bounds.append((m.group(1), start, end))
     return bounds
 
@@ -123,10 +135,17 @@ class Tokenizer:
         return cls(path.read_bytes(), source=str(path))
 
     @classmethod
-    def train(cls, files: Iterable[str | os.PathLike], model_path: str | os.PathLike, *,
-              vocab_size: int = 1024, model_type: str = "bpe",
-              character_coverage: float = 1.0, num_threads: int = 1,
-              extra_symbols: Sequence[str] = ()) -> Tokenizer:
+    def train(
+        cls,
+        files: Iterable[str | os.PathLike],
+        model_path: str | os.PathLike,
+        *,
+        vocab_size: int = 1024,
+        model_type: str = "bpe",
+        character_coverage: float = 1.0,
+        num_threads: int = 1,
+        extra_symbols: Sequence[str] = (),
+    ) -> Tokenizer:
         """Train a byte-fallback sentencepiece model on text files and write `model_path`.
 
         Ids: pad 0, unk 1, bos 2, eos 3. Text is not normalised and whitespace is kept,
@@ -141,13 +160,25 @@ class Tokenizer:
         with tempfile.TemporaryDirectory() as tmp:
             prefix = os.path.join(tmp, "sp")
             spm.SentencePieceTrainer.train(
-                input=",".join(files), model_prefix=prefix, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=character_coverage,
-                byte_fallback=True, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, split_digits=True,
-                allow_whitespace_only_pieces=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-                user_defined_symbols=["\n", *extra_symbols], num_threads=num_threads,
-                minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False,
+                input=",".join(files),
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                pad_id=0,
+                unk_id=1,
+                bos_id=2,
+                eos_id=3,
+                user_defined_symbols=["\n", *extra_symbols],
+                num_threads=num_threads,
+                minloglevel=2,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
             )
             model_path.write_bytes(Path(prefix + ".model").read_bytes())
         return cls.load(model_path)
@@ -173,8 +204,9 @@ class Tokenizer:
 
     # ----- encode / decode --------------------------------------------------------------
 
-    def encode(self, text: str | Sequence[str], *, add_bos: bool = False,
-               add_eos: bool = False) -> list[int] | list[list[int]]:
+    def encode(
+        self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int] | list[list[int]]:
         """Ids of one text, or a list of id lists for a list of texts."""
         if isinstance(text, str):
             return self.sp.encode(text, add_bos=add_bos, add_eos=add_eos)
@@ -186,12 +218,15 @@ class Tokenizer:
             return [self.sp.decode([int(i) for i in row]) for row in ids]
         return self.sp.decode([int(i) for i in ids])
 
-    def encode_conversation(self, conversation: str | Sequence[Turn | tuple[str, str]], *,
-                            add_bos: bool = False, add_eos: bool = False
-                            ) -> EncodedConversation:
+    def encode_conversation(
+        self,
+        conversation: str | Sequence[Turn | tuple[str, str]],
+        *,
+        add_bos: bool = False,
+        add_eos: bool = False,
+    ) -> EncodedConversation:
         """Token ids of a conversation and the token span of each turn's content."""
-        text = conversation if isinstance(conversation, str) else format_conversation(
-            conversation)
+        text = conversation if isinstance(conversation, str) else format_conversation(conversation)
         bounds = _turn_bounds(text)
         pieces = self.sp.encode(text, return_type="proto").pieces
         # Byte offsets of each piece in the UTF-8 text; map turn bounds to bytes too.
@@ -200,9 +235,16 @@ class Tokenizer:
         spans = []
         for role, start_char, end_char in bounds:
             start_b, end_b = char_to_byte[start_char], char_to_byte[end_char]
-            first = next((i for i, p in enumerate(pieces) if p.end > start_b), len(pieces))
-            last = next((i for i, p in enumerate(pieces) if p.begin >= end_b and i >= first),
-                        len(pieces))
+            # Byte-fallback pieces of one character share its start offset (begin == end
+            # for all but the last), so a piece belongs to the turn if it ends past the
+            # start or begins at it.
+            first = next(
+                (i for i, p in enumerate(pieces) if p.end > start_b or p.begin >= start_b),
+                len(pieces),
+            )
+            last = next(
+                (i for i, p in enumerate(pieces) if p.begin >= end_b and i >= first), len(pieces)
+            )
             spans.append(TurnSpan(role, first + offset, last + offset))
         ids = [p.id for p in pieces]
         if add_bos:

@@ -228,8 +228,10 @@ def _random_conversation(rng: random.Random) -> list[Turn]:
     turns = []
     for i in range(rng.randint(1, 6)):
         # Mostly alternating, sometimes the same role twice in a row.
-        role = ("Human", "Assistant")[i % 2] if rng.random() < 0.8 else rng.choice(
-            ("Human", "Assistant")
+        role = (
+            ("Human", "Assistant")[i % 2]
+            if rng.random() < 0.8
+            else rng.choice(("Human", "Assistant"))
         )
         turns.append(Turn(role, _random_text(rng)))
     return turns

@@ -29,11 +29,18 @@ def main(cfg: DictConfig) -> None:
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but the model "
-                f"only {config.vocab_size} embeddings")
+                f"only {config.vocab_size} embeddings"
+            )
         prompt = format_conversation([("Human", cfg.prompt)], open_assistant=True)
         ids = tokenizer.encode(prompt, add_bos=True)
-        (out,) = greedy_generate(config, params, [ids], max_new_tokens=cfg.max_new_tokens,
-                                 pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+        (out,) = greedy_generate(
+            config,
+            params,
+            [ids],
+            max_new_tokens=cfg.max_new_tokens,
+            pad_id=tokenizer.pad_id,
+            eos_id=tokenizer.eos_id,
+        )
     print(f"model: {model.param_count(config) / 1e6:.2f}M params on mesh {dict(mesh.shape)}")
     print(prompt + tokenizer.decode(out))
 
