@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -89,11 +92,22 @@ def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-    """Resolve logical axis names to a `PartitionSpec`; raise on a name without a rule."""
+def logical_to_spec(
+    names: Sequence[str | None],
+    rules: Rules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """Resolve logical axis names to a `PartitionSpec`; raise on a name without a rule.
+
+    For each name, the first rule whose mesh axes are unused so far in this spec wins.
+    Given `shape` and `mesh`, a rule whose mesh axes do not divide the dimension is
+    skipped too (a vocabulary of 32001 cannot be split in two), falling through to the
+    next rule for that name, and finally to no sharding of that dimension.
+    """
     used: set[str] = set()
     spec: list[MeshAxes] = []
-    for name in names:
+    for i, name in enumerate(names):
         if name is None:
             spec.append(None)
             continue
@@ -106,22 +120,18 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -
         chosen: MeshAxes = None
         for axes in candidates:
             mesh_axes = _axes_tuple(axes)
-            if not used.intersection(mesh_axes):
-                chosen = axes
-                used.update(mesh_axes)
-                break
+            fits = (
+                shape is None
+                or mesh is None
+                or (shape[i] % math.prod(mesh.shape[a] for a in mesh_axes) == 0)
+            )
+            if used.intersection(mesh_axes) or not fits:
+                continue
+            chosen = axes
+            used.update(mesh_axes)
+            break
         spec.append(chosen)
     return PartitionSpec(*spec)
-
-
-def _check_divisible(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str) -> None:
-    for dim, axes in zip(shape, spec, strict=False):
-        size = math.prod(mesh.shape[a] for a in _axes_tuple(axes))
-        if dim % size:
-            raise ValueError(
-                f"{what}: dimension {dim} of shape {tuple(shape)} is not divisible by mesh "
-                f"axes {axes} of total size {size} (spec {spec})"
-            )
 
 
 def named_sharding(
@@ -131,10 +141,22 @@ def named_sharding(
     shape: Sequence[int] | None = None,
     what: str = "array",
 ) -> NamedSharding:
-    """`NamedSharding` for one array from its logical names; checks divisibility if shaped."""
-    spec = logical_to_spec(names, rules)
+    """`NamedSharding` for one array from its logical names (see `logical_to_spec`).
+
+    With `shape`, a dimension left whole only because its mesh axes do not divide it is
+    reported in a warning naming `what`.
+    """
+    spec = logical_to_spec(names, rules, shape, mesh)
     if shape is not None:
-        _check_divisible(spec, shape, mesh, what)
+        unfitted = logical_to_spec(names, rules)
+        if unfitted != spec:
+            log.warning(
+                "%s of shape %s: sharding %s does not divide it; using %s",
+                what,
+                tuple(shape),
+                unfitted,
+                spec,
+            )
     return NamedSharding(mesh, spec)
 
 
@@ -181,14 +203,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """
     active = current()
     rules = DEFAULT_RULES if active is None else active[1]
-    spec = logical_to_spec(names, rules)
     if active is None:
+        logical_to_spec(names, rules)
         return x
     mesh = active[0]
-    # An activation dimension that a mesh axis cannot divide (a batch of 1 while sampling
-    # on 8 devices, say) stays whole on that dimension rather than failing the trace.
-    fitted = []
-    for dim, axes in zip(x.shape, spec, strict=False):
-        size = math.prod(mesh.shape[a] for a in _axes_tuple(axes))
-        fitted.append(axes if dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fitted)))
+    # An activation dimension its mesh axes cannot divide (a batch of 1 while sampling on
+    # 8 devices, say) falls through to the next rule, or stays whole.
+    spec = logical_to_spec(names, rules, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -6,6 +6,8 @@ tokenizer and a randomly initialised `tiny` model, placed on a mesh of all local
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 import jax
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +20,7 @@ from jaxcai.tokenizer import Tokenizer, format_conversation
 
 @hydra.main(config_path="../../configs", config_name="sample", version_base=None)
 def main(cfg: DictConfig) -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     tokenizer = Tokenizer.load(cfg.tokenizer)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     with sharding.use_mesh(mesh):
