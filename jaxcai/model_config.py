@@ -154,7 +154,7 @@ class ModelConfig:
 
     @classmethod
     def small(cls, **overrides: Any) -> ModelConfig:
-        """About 100M parameters (12 layers, 768 wide) with a 32k vocabulary."""
+        """About 100M parameters (12 layers, 768 wide, tied 32k vocabulary)."""
         return cls(
             **{
                 "vocab_size": 32_000,
@@ -165,6 +165,7 @@ class ModelConfig:
                 "d_ff": 2048,
                 "max_seq_len": 2048,
                 "rope_theta": 10_000.0,
+                "tie_embeddings": True,
                 **overrides,
             }
         )

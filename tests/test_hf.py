@@ -39,6 +39,17 @@ def _hf_logits(model, tokens, mask, positions) -> np.ndarray:
     return out.logits.float().numpy()
 
 
+def _assert_padded_logits_match(hf_model, config, params, rng) -> None:
+    """Our logits equal the reference's on every non-padding token of a padded batch."""
+    tokens, mask, positions = _batch(rng, config.vocab_size)
+    ref = _hf_logits(hf_model, tokens, mask, positions)
+    ours = np.asarray(
+        forward(config, params, jnp.asarray(tokens), segment_ids_BT=jnp.asarray(mask))
+    )
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module", params=sorted(HF_CASES))
 def checkpoint(request, tmp_path_factory):
     model = make_hf_model(request.param)
@@ -50,13 +61,7 @@ def checkpoint(request, tmp_path_factory):
 def test_logits_match_transformers(checkpoint, rng):
     _, model, path = checkpoint
     config, params = hf.load_pretrained(path, progress=False)
-    tokens, mask, positions = _batch(rng, config.vocab_size)
-    ref = _hf_logits(model, tokens, mask, positions)
-    ours = np.asarray(
-        forward(config, params, jnp.asarray(tokens), segment_ids_BT=jnp.asarray(mask))
-    )
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+    _assert_padded_logits_match(model, config, params, rng)
 
 
 def test_logits_match_at_far_positions(checkpoint, rng):
@@ -118,13 +123,7 @@ def test_save_pretrained_loads_in_transformers(checkpoint, tmp_path, rng, max_sh
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         out, attn_implementation="eager"
     ).eval()
-    tokens, mask, positions = _batch(rng, config.vocab_size)
-    ref = _hf_logits(reloaded, tokens, mask, positions)
-    ours = np.asarray(
-        forward(config, params, jnp.asarray(tokens), segment_ids_BT=jnp.asarray(mask))
-    )
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+    _assert_padded_logits_match(reloaded, config, params, rng)
     # And our own loader reads back exactly what was written.
     config2, params2 = hf.load_pretrained(out, progress=False)
     assert config2 == config
