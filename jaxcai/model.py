@@ -353,27 +353,22 @@ class KVCache:
         return self.k.shape[2]
 
 
+def _boxed_params(config: ModelConfig, rng: Array, head: str) -> Params:
+    """Initial params still wrapped in their logical-axis metadata boxes."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    return Decoder(config, head).init(rng, tokens, tokens, mask)["params"]
+
+
 @partial(jax.jit, static_argnames=("config", "head"))
 def init_params(config: ModelConfig, rng: Array, *, head: str = "lm") -> Params:
     """Randomly initialised params (plain arrays) of the LM (`head="lm"`) or reward model."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1, 1), bool)
-    variables = Decoder(config, head).init(rng, tokens, tokens, mask)
-    return nn.unbox(variables["params"])
+    return nn.unbox(_boxed_params(config, rng, head))
 
 
 def param_logical_axes(config: ModelConfig, *, head: str = "lm") -> Params:
     """A tree like the params whose leaves are tuples of logical axis names."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    mask = jax.ShapeDtypeStruct((1, 1, 1, 1), bool)
-    boxed = jax.eval_shape(
-        lambda: Decoder(config, head).init(
-            jax.random.key(0),
-            jnp.zeros(tokens.shape, tokens.dtype),
-            jnp.zeros(tokens.shape, tokens.dtype),
-            jnp.ones(mask.shape, bool),
-        )
-    )["params"]
+    boxed = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), head))
     return jax.tree_util.tree_map(
         lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
     )
