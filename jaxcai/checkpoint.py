@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the train state, restorable onto any mesh.
+
+Each checkpoint step holds the `TrainState` (params, optimizer state, step, RNG) and a
+small JSON `meta` (the data position, the config's objective). Saves are asynchronous
+and atomic (orbax writes a temporary directory and renames it when complete), so a run
+killed mid-save leaves the previous checkpoints intact; a latest checkpoint that fails to
+restore is reported and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Checkpointer", "NoCheckpointError"]
+
+
+class NoCheckpointError(FileNotFoundError):
+    """No checkpoint in the directory could be restored."""
+
+
+class Checkpointer:
+    """Save and restore `(state, meta)` under `directory`, keeping the last `keep`."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Completed checkpoint steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Start saving (returns at once when async); `wait` blocks until it is on disk."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
+        """Restore into the shapes, dtypes and shardings of `target` (arrays or
+        `jax.ShapeDtypeStruct`s), so a checkpoint written on one mesh loads onto another.
+
+        Without `step`, tries the newest checkpoint, then older ones if it is unreadable.
+        """
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+        )
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        if not candidates:
+            raise NoCheckpointError(f"no checkpoint in {self.directory}")
+        errors = []
+        for candidate in candidates:
+            try:
+                restored = self.manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                if errors:
+                    log.warning(
+                        "restored checkpoint %d after newer ones failed: %s",
+                        candidate,
+                        "; ".join(errors),
+                    )
+                return candidate, restored["state"], dict(restored["meta"])
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                message = f"checkpoint {candidate} in {self.directory} is unreadable ({e})"
+                log.error(message)
+                errors.append(message)
+        raise NoCheckpointError("; ".join(errors))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,233 @@
+"""Typed configs of a training run, registered with Hydra as structured configs.
+
+Hydra composes `configs/train.yaml` from the groups `model`, `objective`, `data`,
+`optimizer`, `mesh`, `trainer` and `experiment`; each group's node is checked against the
+dataclass here (a wrong type fails at composition), and `validate` checks values and
+cross-field rules at start-up, naming the key of any bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from jaxcai.model_config import ModelConfig
+from jaxcai.sharding import MeshConfig
+
+OBJECTIVES = ("lm", "sft", "rm", "dpo")
+SCHEDULES = ("cosine", "linear", "constant")
+REFERENCES = ("precompute", "model")
+NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names its key."""
+
+
+def _mutable_schema(
+    cls: type,
+    annotations: dict[str, str] | None = None,
+    extra: dict[str, tuple[str, Any]] | None = None,
+) -> type:
+    """A non-frozen copy of a frozen dataclass (Hydra overrides need a mutable node)."""
+    fields = [
+        (
+            f.name,
+            (annotations or {}).get(f.name, f.type),
+            dataclasses.field(default="???" if f.default is dataclasses.MISSING else f.default),
+        )
+        for f in dataclasses.fields(cls)
+    ]
+    fields += [(n, a, dataclasses.field(default=d)) for n, (a, d) in (extra or {}).items()]
+    return dataclasses.make_dataclass(
+        f"{cls.__name__}Schema", fields, namespace={"__module__": __name__}
+    )
+
+
+ModelConfigSchema = _mutable_schema(
+    ModelConfig,
+    {"rope_scaling": "Any"},  # checked by from_dict
+    {"name": ("str", "custom")},
+)
+MeshConfigSchema = _mutable_schema(MeshConfig)
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """What is optimised. `lm`: next-token loss on every token (raw text, packed);
+    `sft`: loss on the response only; `rm`: Bradley-Terry reward model; `dpo`."""
+
+    name: str = "sft"
+    beta: float = 0.1  # dpo
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # dpo (sigmoid, robust)
+    soft_labels: bool = False  # rm/dpo: use the data's p_chosen as a soft label
+    reference: str = "precompute"  # dpo: precompute ref log-probs once, or run a frozen model
+    margin: float = 0.0  # rm: Bradley-Terry margin
+    center_coef: float = 0.0  # rm: reward centering coefficient
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """JSONL files: `bundled:NAME` is a file shipped in `jaxcai/data/files/`."""
+
+    train: str = "bundled:sft.jsonl"
+    eval: str | None = None  # None: hold out `eval_fraction` of train
+    eval_fraction: float = 0.1
+    max_len: int = 128  # tokens per sequence (prompt + response, or a packed row)
+    tokenizer: str | None = None  # sentencepiece path; None = the bundled tokenizer
+    skip_bad: bool = False  # count and report malformed/over-long records instead of failing
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW with warmup then `schedule` decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process runs: all None lets `jax.distributed.initialize` read the environment
+    (SLURM, TPU, ...); set them for a manual launch. `enabled=False` skips it."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences (pairs for rm/dpo)
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide into them
+    seed: int = 0
+    init_from: str | None = None  # Hugging Face checkpoint dir; None = random init
+    log_every: int = 1
+    eval_every: int = 50  # 0 disables
+    eval_batches: int = 0  # 0 = the whole eval split
+    checkpoint_every: int = 50  # 0 disables periodic saves (the final one is always saved)
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    resume: bool = True  # continue from the run directory's latest checkpoint
+    nonfinite: str = "stop"  # a NaN/inf loss: stop the run, or skip the update and go on
+    export_hf: bool = False  # write the final params as a Hugging Face directory
+    peak_tflops: float | None = None  # per device, for MFU; None = known accelerators only
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: Any = dataclasses.field(default_factory=ModelConfigSchema)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfigSchema = dataclasses.field(default_factory=MeshConfigSchema)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    rules: list[list[Any]] | None = None  # logical->mesh rules; None = DEFAULT_RULES
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="schema", node=ModelConfigSchema)
+    cs.store(group="objective", name="schema", node=ObjectiveConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="optimizer", name="schema", node=OptimizerConfig)
+    cs.store(group="mesh", name="schema", node=MeshConfigSchema)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r}: {why}")
+
+
+def model_config(cfg: DictConfig | dict) -> ModelConfig:
+    """The `ModelConfig` of a composed config's `model` node."""
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config model: {e}") from e
+
+
+def validate(cfg: DictConfig, n_devices: int) -> None:
+    """Check values and cross-field rules; raise `ConfigError` naming the key."""
+    from jaxcai.losses import DPO_LOSSES
+
+    o, t, opt, d = cfg.objective, cfg.trainer, cfg.optimizer, cfg.data
+    _check(o.name in OBJECTIVES, "objective.name", o.name, f"choose one of {OBJECTIVES}")
+    _check(
+        o.loss_type in DPO_LOSSES,
+        "objective.loss_type",
+        o.loss_type,
+        f"choose one of {sorted(DPO_LOSSES)}",
+    )
+    _check(
+        o.reference in REFERENCES, "objective.reference", o.reference, f"choose one of {REFERENCES}"
+    )
+    _check(o.beta > 0, "objective.beta", o.beta, "must be positive")
+    _check(
+        0 <= o.label_smoothing < 0.5,
+        "objective.label_smoothing",
+        o.label_smoothing,
+        "must be in [0, 0.5)",
+    )
+    _check(
+        opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"choose one of {SCHEDULES}"
+    )
+    _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be positive")
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+    _check(
+        0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio", opt.min_lr_ratio, "must be in [0, 1]"
+    )
+    _check(t.nonfinite in NONFINITE, "trainer.nonfinite", t.nonfinite, f"choose one of {NONFINITE}")
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        _check(t[key] > 0, f"trainer.{key}", t[key], "must be positive")
+    for key in ("eval_every", "eval_batches", "checkpoint_every"):
+        _check(t[key] >= 0, f"trainer.{key}", t[key], "must be >= 0")
+    _check(
+        t.batch_size % t.grad_accum == 0,
+        "trainer.batch_size",
+        t.batch_size,
+        f"must be divisible by trainer.grad_accum={t.grad_accum}",
+    )
+    _check(d.max_len >= 2, "data.max_len", d.max_len, "must be at least 2")
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    try:
+        mesh_shape = MeshConfig(**cfg.mesh).shape(n_devices)
+    except ValueError as e:
+        raise ConfigError(f"config mesh: {e}") from e
+    batch_shards = mesh_shape[0] * mesh_shape[1]
+    micro = t.batch_size // t.grad_accum
+    _check(
+        micro % batch_shards == 0,
+        "trainer.batch_size",
+        t.batch_size,
+        f"each of the {t.grad_accum} micro-batches ({micro}) must divide over the "
+        f"data x fsdp = {batch_shards} batch shards of mesh {cfg.mesh}",
+    )
+    config = model_config(cfg.model)
+    _check(
+        d.max_len <= config.max_seq_len,
+        "data.max_len",
+        d.max_len,
+        f"exceeds model.max_seq_len={config.max_seq_len}",
+    )

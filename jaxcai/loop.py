@@ -1,0 +1,371 @@
+"""The training loop: data, sharded state, steps, evaluation, metrics and checkpoints.
+
+`run(cfg, run_dir)` is everything `jaxcai-train` does after Hydra composed the config.
+Side effects live here; the step itself (`jaxcai.train`) is pure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from jaxcai import hf, model, sharding
+from jaxcai.checkpoint import Checkpointer
+from jaxcai.config import ConfigError, model_config, validate
+from jaxcai.data.batches import epoch_stream_indices, eval_index_batches, global_batch
+from jaxcai.data.jsonl import Dataset, load_dataset
+from jaxcai.metrics import MetricsWriter, peak_flops_per_device
+from jaxcai.model_config import ModelConfig, flops_per_token
+from jaxcai.tokenizer import Tokenizer
+from jaxcai.train import (
+    COUNT_METRICS,
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    reference_logps,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingError", "run"]
+
+NUMERIC_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss with `trainer.nonfinite=stop`, ...)."""
+
+
+def initialize_distributed(cfg: DictConfig) -> None:
+    """`jax.distributed.initialize` for multi-process runs (config values or environment)."""
+    if not cfg.enabled:
+        return
+    kwargs = {
+        k: cfg[k]
+        for k in ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+        if cfg[k] is not None
+    }
+    if "local_device_ids" in kwargs:
+        kwargs["local_device_ids"] = list(kwargs["local_device_ids"])
+    jax.distributed.initialize(**kwargs)
+
+
+def _model_and_params(cfg: DictConfig, mesh, rules) -> tuple[ModelConfig, Any]:
+    """Random init from `cfg.model`, or weights from `trainer.init_from` (a HF directory)."""
+    head = "reward" if cfg.objective.name == "rm" else "lm"
+    seed = jax.random.key(cfg.trainer.seed)
+    if cfg.trainer.init_from:
+        numerics = {k: cfg.model[k] for k in NUMERIC_FIELDS}
+        mc, params = hf.load_pretrained(
+            cfg.trainer.init_from, mesh=mesh, rules=rules, progress=cfg.trainer.progress, **numerics
+        )
+        if head == "reward":
+            shardings = model.param_shardings(mc, mesh, rules, head="reward")
+            params = jax.jit(
+                lambda p, r: model.to_reward_params(mc, p, r), out_shardings=shardings
+            )(params, seed)
+        return mc, params
+    mc = model_config(cfg.model)
+    return mc, model.init_sharded(mc, seed, mesh, rules, head=head)
+
+
+def _state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
+    """Shardings for the whole state: optimizer moments follow the parameter they track
+    (matched on the trailing dict keys of their path), everything else is replicated."""
+    by_path = {
+        tuple(k.key for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        sharding = by_path.get(tuple(keys))
+        return sharding if sharding is not None and len(keys) else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _datasets(cfg: DictConfig, tok: Tokenizer) -> tuple[Dataset, Dataset]:
+    d, name = cfg.data, cfg.objective.name
+    train = load_dataset(d.train, name, tok, d.max_len, skip_bad=d.skip_bad)
+    if d.eval:
+        evaluation = load_dataset(d.eval, name, tok, d.max_len, skip_bad=d.skip_bad)
+    else:
+        train, evaluation = train.split(d.eval_fraction, seed=cfg.trainer.seed)
+    for ds in (train, evaluation):
+        if ds.skipped:
+            log.warning(
+                "%s: skipped %d records (%s)",
+                ds.source,
+                sum(ds.skipped.values()),
+                ", ".join(f"{k}: {v}" for k, v in sorted(ds.skipped.items())),
+            )
+    return train, evaluation
+
+
+def _tokens_per_example(ds: Dataset) -> np.ndarray:
+    a = ds.arrays
+    if "segment_ids" in a:
+        return (a["segment_ids"] > 0).sum(-1)
+    return (a["chosen"]["segment_ids"] > 0).sum(-1) + (a["rejected"]["segment_ids"] > 0).sum(-1)
+
+
+def _attach_reference(
+    cfg: DictConfig, run_dir: Path, datasets: dict[str, Dataset], mc, params, mesh, rules
+) -> None:
+    """DPO's precomputed reference log-probs, from the initial params, cached in the run dir
+    (so a resumed run uses exactly the same reference)."""
+    cache = run_dir / "reference_logps.npz"
+    stored = dict(np.load(cache)) if cache.exists() else {}
+    fn = jax.jit(
+        lambda p, b: reference_logps(mc, p, b), out_shardings=NamedSharding(mesh, PartitionSpec())
+    )
+    batch_size = cfg.trainer.batch_size // cfg.trainer.grad_accum
+    for split, ds in datasets.items():
+        keys = [f"{split}/ref_chosen_logps", f"{split}/ref_rejected_logps"]
+        if not all(k in stored and len(stored[k]) == len(ds) for k in keys):
+            parts = []
+            for idx in tqdm(
+                list(eval_index_batches(len(ds), batch_size)),
+                desc=f"reference log-probs ({split})",
+                disable=not cfg.trainer.progress or jax.process_index() != 0,
+            ):
+                b = global_batch(ds, idx, 1, mesh, rules)
+                out = fn(params, jax.tree_util.tree_map(lambda x: x[0], b))
+                parts.append({k: np.asarray(v)[idx >= 0] for k, v in out.items()})
+            for k in ("ref_chosen_logps", "ref_rejected_logps"):
+                stored[f"{split}/{k}"] = np.concatenate([p[k] for p in parts])
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            ds.arrays[k] = stored[f"{split}/{k}"].astype(np.float32)
+    if jax.process_index() == 0:
+        np.savez(cache, **stored)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint, then exiting")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _evaluate(
+    eval_fn, params, ref_params, ds: Dataset, cfg: DictConfig, mesh, rules
+) -> dict[str, float]:
+    t = cfg.trainer
+    sums: dict[str, float] = {}
+    total = 0.0
+    for idx in eval_index_batches(len(ds), t.batch_size, t.eval_batches):
+        m = jax.device_get(
+            eval_fn(params, global_batch(ds, idx, t.grad_accum, mesh, rules), ref_params)
+        )
+        weight = float(sum(m.get(k, 0.0) for k in COUNT_METRICS))
+        total += weight
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + (float(v) if k in COUNT_METRICS else float(v) * weight)
+    return {
+        f"eval/{k}": v if k in COUNT_METRICS else v / max(total, 1e-12) for k, v in sums.items()
+    }
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train as `cfg` says, writing metrics and checkpoints under `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    initialize_distributed(cfg.distributed)
+    validate(cfg, jax.device_count())
+    t = cfg.trainer
+    tok = Tokenizer.load(cfg.data.tokenizer)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+    rules = tuple(tuple(r) for r in cfg.rules) if cfg.rules else sharding.DEFAULT_RULES
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    with sharding.use_mesh(mesh, rules):
+        mc, params = _model_and_params(cfg, mesh, rules)
+        if tok.vocab_size > mc.vocab_size:
+            raise ConfigError(
+                f"config data.tokenizer: {tok.vocab_size} pieces do not fit the "
+                f"model's {mc.vocab_size} embeddings"
+            )
+        train_ds, eval_ds = _datasets(cfg, tok)
+        ref_params = None
+        if cfg.objective.name == "dpo":
+            if cfg.objective.reference == "model":
+                ref_params = jax.tree_util.tree_map(jnp.copy, params)
+            else:
+                _attach_reference(
+                    cfg, run_dir, {"train": train_ds, "eval": eval_ds}, mc, params, mesh, rules
+                )
+
+        optimizer = make_optimizer(cfg.optimizer, t.steps)
+        schedule = make_schedule(cfg.optimizer, t.steps)
+        head = "reward" if cfg.objective.name == "rm" else "lm"
+        abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, t.seed), params)
+        state_sh = _state_shardings(
+            abstract, model.param_shardings(mc, mesh, rules, head=head), mesh
+        )
+        state = jax.jit(
+            lambda p: init_train_state(p, optimizer, t.seed),
+            out_shardings=state_sh,
+            donate_argnums=0,
+        )(params)
+        del params
+
+        ckpt = Checkpointer(
+            run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints
+        )
+        metrics_out = MetricsWriter(run_dir, tensorboard=t.tensorboard)
+        start = 0
+        if t.resume and ckpt.steps():
+            start, state, meta = ckpt.restore(state)
+            log.info("resumed from checkpoint %d (%s)", start, json.dumps(meta))
+            metrics_out.truncate_after(start)
+
+        replicated = NamedSharding(mesh, PartitionSpec())
+        train_step = make_train_step(mc, cfg.objective, optimizer, schedule)
+        first = global_batch(
+            train_ds,
+            epoch_stream_indices(len(train_ds), t.seed, 0, t.batch_size),
+            t.grad_accum,
+            mesh,
+            rules,
+        )
+        batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, first)
+        ref_sh = (
+            None if ref_params is None else jax.tree_util.tree_map(lambda x: x.sharding, ref_params)
+        )
+        jstep = jax.jit(
+            train_step,
+            in_shardings=(state_sh, batch_sh, ref_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=0,
+        )
+        jeval = jax.jit(make_eval_step(mc, cfg.objective), out_shardings=replicated)
+
+        tokens_per_example = _tokens_per_example(train_ds)
+        peak = peak_flops_per_device(t.peak_tflops)
+        flops_token = flops_per_token(mc, cfg.data.max_len)
+        preempt = _Preemption()
+        bar = tqdm(
+            total=t.steps,
+            initial=start,
+            desc=f"{cfg.objective.name}",
+            disable=not t.progress or jax.process_index() != 0,
+            unit="step",
+        )
+        last: dict[str, Any] = {}
+        skipped_steps = 0
+        pending = None
+        window = {"tokens": 0, "time": time.perf_counter()}
+
+        def save(step: int, force: bool = False) -> None:
+            meta = {
+                "step": step,
+                "data": {"position": step * t.batch_size, "seed": t.seed},
+                "objective": cfg.objective.name,
+            }
+            ckpt.save(step, state, meta, force=force)
+
+        def finish(record) -> None:
+            nonlocal skipped_steps, last
+            step, device_metrics, n_tokens = record
+            m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            window["tokens"] += n_tokens
+            if m.pop("nonfinite"):
+                if t.nonfinite == "stop":
+                    raise TrainingError(
+                        f"step {step}: loss {m['loss']} / grad norm {m['grad_norm']} is not "
+                        f"finite; the update was not applied and no checkpoint holds it "
+                        f"(set trainer.nonfinite=skip to skip such steps)"
+                    )
+                skipped_steps += 1
+                log.warning("step %d: non-finite loss, update skipped", step)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                m["tokens_per_s"] = window["tokens"] / max(now - window["time"], 1e-9)
+                m["mfu"] = (
+                    m["tokens_per_s"] * flops_token / (peak * jax.device_count()) if peak else None
+                )
+                m["skipped_steps"] = skipped_steps
+                window.update(tokens=0, time=now)
+                metrics_out.write(step, m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            last = m
+
+        try:
+            for step in range(start, t.steps):
+                indices = epoch_stream_indices(len(train_ds), t.seed, step, t.batch_size)
+                batch = (
+                    first
+                    if step == 0
+                    else global_batch(train_ds, indices, t.grad_accum, mesh, rules)
+                )
+                state, device_metrics = jstep(state, batch, ref_params)
+                if pending is not None:
+                    finish(pending)  # the previous step's metrics, read while this one runs
+                pending = (step + 1, device_metrics, int(tokens_per_example[indices].sum()))
+                bar.update()
+                done = step + 1
+                if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+                    finish(pending)
+                    pending = None
+                    metrics_out.write(
+                        done, _evaluate(jeval, state.params, ref_params, eval_ds, cfg, mesh, rules)
+                    )
+                if (t.checkpoint_every and done % t.checkpoint_every == 0) or preempt.requested:
+                    if pending is not None:
+                        finish(pending)  # a non-finite step stops before it is saved
+                        pending = None
+                    save(done)
+                if preempt.requested:
+                    ckpt.wait()
+                    raise SystemExit(f"preempted at step {done}; checkpoint saved")
+            if pending is not None:
+                finish(pending)
+            final_eval = _evaluate(jeval, state.params, ref_params, eval_ds, cfg, mesh, rules)
+            metrics_out.write(t.steps, final_eval)
+            if t.steps not in ckpt.steps():
+                save(t.steps, force=True)
+            ckpt.wait()
+        finally:
+            bar.close()
+            preempt.restore()
+            ckpt.close()
+            metrics_out.close()
+
+        if t.export_hf:
+            if head == "reward":
+                log.warning(
+                    "trainer.export_hf: a reward model has no Hugging Face causal-LM "
+                    "layout; skipped"
+                )
+            else:
+                hf.save_pretrained(run_dir / "hf", mc, state.params, progress=t.progress)
+    return {"step": t.steps, **{f"train/{k}": v for k, v in last.items()}, **final_eval}

@@ -1,0 +1,290 @@
+"""Train state, optimizer, objectives and the one pure train step they all share.
+
+A batch is a dict of arrays with a leading gradient-accumulation axis, `[A, B/A, ...]`
+(`A = trainer.grad_accum`), sharded over the mesh's batch axes on its second axis. An
+objective maps `(params, micro_batch, ref_params)` to `(loss, weight, metrics)`, where
+`weight` (tokens or pairs) makes the accumulated loss exactly the loss of the whole
+batch: gradients of `loss * weight` are summed over micro-batches and divided by the
+total weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcai.config import ObjectiveConfig, OptimizerConfig
+from jaxcai.losses import dpo_loss, reward_loss, sequence_logps, sft_loss
+from jaxcai.model import Params, forward, reward_forward
+from jaxcai.model_config import ModelConfig
+
+__all__ = [
+    "OBJECTIVES",
+    "TrainState",
+    "init_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "reference_logps",
+]
+
+Batch = dict[str, Any]
+Objective = Callable[
+    [ModelConfig, ObjectiveConfig, Params, Batch, Params | None],
+    tuple[jax.Array, jax.Array, dict[str, jax.Array]],
+]
+COUNT_METRICS = ("tokens", "pairs")  # summed over micro-batches, not averaged
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: updates applied so far
+    params: Params
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 raw key data (checkpoint friendly)
+
+
+# ----- optimizer ------------------------------------------------------------------------
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then `cosine`/`linear` decay to `min_lr_ratio * lr`."""
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    end = cfg.lr * cfg.min_lr_ratio
+    decay = {
+        "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, decay_steps, cfg.min_lr_ratio),
+        "linear": lambda: optax.linear_schedule(cfg.lr, end, decay_steps),
+        "constant": lambda: optax.constant_schedule(cfg.lr),
+    }[cfg.schedule]()
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; weight decay on matrices only (not norms/biases)."""
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(
+        make_schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def init_train_state(
+    params: Params, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+# ----- objectives -----------------------------------------------------------------------
+
+
+def _pair(batch: Batch, key: str) -> jax.Array:
+    """Chosen rows then rejected rows: one forward pass serves both."""
+    return jnp.concatenate([batch["chosen"][key], batch["rejected"][key]], axis=0)
+
+
+def _soft_label(oc: ObjectiveConfig, batch: Batch) -> jax.Array | None:
+    return batch["p_chosen"] if oc.soft_labels else None
+
+
+def lm_objective(
+    mc: ModelConfig,
+    oc: ObjectiveConfig,
+    params: Params,
+    batch: Batch,
+    ref_params: Params | None = None,
+):
+    """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
+    logits = forward(mc, params, batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    loss, metrics = sft_loss(logits, batch["targets"], batch["mask"])
+    return loss, metrics["tokens"], metrics
+
+
+def rm_objective(
+    mc: ModelConfig,
+    oc: ObjectiveConfig,
+    params: Params,
+    batch: Batch,
+    ref_params: Params | None = None,
+):
+    rewards = reward_forward(
+        mc, params, _pair(batch, "tokens"), segment_ids_BT=_pair(batch, "segment_ids")
+    )
+    chosen, rejected = jnp.split(rewards, 2)
+    loss, metrics = reward_loss(
+        chosen,
+        rejected,
+        margin=oc.margin or None,
+        soft_label=_soft_label(oc, batch),
+        center_coef=oc.center_coef,
+        mask_B=batch["weight"],
+    )
+    return loss, metrics["pairs"], metrics
+
+
+def _pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    logits = forward(mc, params, _pair(batch, "tokens"), segment_ids_BT=_pair(batch, "segment_ids"))
+    return sequence_logps(logits, _pair(batch, "targets"), _pair(batch, "mask"))
+
+
+def dpo_objective(
+    mc: ModelConfig,
+    oc: ObjectiveConfig,
+    params: Params,
+    batch: Batch,
+    ref_params: Params | None = None,
+):
+    logps, counts = _pair_logps(mc, params, batch)
+    if ref_params is not None:
+        ref_chosen, ref_rejected = jnp.split(_pair_logps(mc, ref_params, batch)[0], 2)
+    else:
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    chosen, rejected = jnp.split(logps, 2)
+    chosen_n, rejected_n = jnp.split(counts, 2)
+    loss, metrics = dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=oc.beta,
+        loss_type=oc.loss_type,
+        label_smoothing=oc.label_smoothing,
+        soft_label=_soft_label(oc, batch),
+        chosen_counts_B=chosen_n,
+        rejected_counts_B=rejected_n,
+        mask_B=batch["weight"],
+    )
+    return loss, metrics["pairs"], metrics
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "lm": lm_objective,
+    "sft": lm_objective,
+    "rm": rm_objective,
+    "dpo": dpo_objective,
+}
+
+
+def reference_logps(mc: ModelConfig, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    """Sequence log-probs of chosen and rejected under `params` (DPO's reference)."""
+    chosen, rejected = jnp.split(_pair_logps(mc, params, batch)[0], 2)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+# ----- steps ----------------------------------------------------------------------------
+
+
+def _accumulate(
+    objective: Objective,
+    mc: ModelConfig,
+    oc: ObjectiveConfig,
+    params: Params,
+    batch: Batch,
+    ref_params: Params | None,
+    with_grads: bool,
+):
+    """Sum `loss * weight`, weighted metrics (and gradients) over the accumulation axis."""
+
+    def weighted(p, micro):
+        loss, weight, metrics = objective(mc, oc, p, micro, ref_params)
+        return loss * weight, (weight, metrics)
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def body(carry, micro):
+        if with_grads:
+            (lw, (w, m)), g = grad_fn(params, micro)
+            grads = jax.tree_util.tree_map(jnp.add, carry[3], g)
+        else:
+            lw, (w, m) = weighted(params, micro)
+            grads = carry[3]
+        m = {k: v if k in COUNT_METRICS else v * w for k, v in m.items()}
+        return (
+            carry[0] + lw,
+            carry[1] + w,
+            jax.tree_util.tree_map(jnp.add, carry[2], m),
+            grads,
+        ), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], batch)
+    _, (_, metric_shapes) = jax.eval_shape(weighted, params, first)
+    zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
+    init = (
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        zeros(metric_shapes),
+        zeros(params) if with_grads else None,
+    )
+    (loss_sum, weight, metric_sums, grads), _ = jax.lax.scan(body, init, batch)
+    denom = jnp.maximum(weight, 1e-12)  # a batch with no tokens gives zero loss and grads
+    metrics = {k: v if k in COUNT_METRICS else v / denom for k, v in metric_sums.items()}
+    metrics["loss"] = loss_sum / denom
+    if with_grads:
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    return metrics, grads
+
+
+def make_train_step(
+    mc: ModelConfig,
+    oc: ObjectiveConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule | None = None,
+):
+    """The pure `(state, batch, ref_params) -> (state, metrics)` step of any objective.
+
+    A non-finite loss or gradient leaves the state unchanged (so no checkpoint is ever
+    poisoned) and reports `nonfinite = 1`; the loop decides to stop or go on.
+    """
+    objective = OBJECTIVES[oc.name]
+
+    def step(state: TrainState, batch: Batch, ref_params: Params | None = None):
+        metrics, grads = _accumulate(objective, mc, oc, state.params, batch, ref_params, True)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            rng=jax.random.key_data(
+                jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            ),
+        )
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics["grad_norm"] = grad_norm
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(mc: ModelConfig, oc: ObjectiveConfig):
+    """`(params, batch, ref_params) -> metrics` with `loss` and the objective's metrics."""
+    objective = OBJECTIVES[oc.name]
+
+    def eval_step(params: Params, batch: Batch, ref_params: Params | None = None):
+        return _accumulate(objective, mc, oc, params, batch, ref_params, False)[0]
+
+    return eval_step
