@@ -9,6 +9,8 @@ cross-field rules at start-up, naming the key of any bad value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from jaxcai.model_config import ModelConfig
 from jaxcai.sharding import MeshConfig
 
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 OBJECTIVES = ("lm", "sft", "rm", "dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("precompute", "model")
@@ -152,6 +155,16 @@ def register() -> None:
     cs.store(group="optimizer", name="schema", node=OptimizerConfig)
     cs.store(group="mesh", name="schema", node=MeshConfigSchema)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The config Hydra would build for `jaxcai-train overrides...` (for scripts and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

@@ -7,22 +7,19 @@ tokenizer and a randomly initialised `tiny` model, placed on a mesh of all local
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import jax
 from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import hf, model, sharding
+from jaxcai.config import CONFIG_DIR
 from jaxcai.model_config import ModelConfig
 from jaxcai.sample import greedy_generate
 from jaxcai.tokenizer import Tokenizer, format_conversation
 
-# An absolute path, so console scripts and `python -m` both find the configs.
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
-
-@hydra.main(config_path=CONFIGS, config_name="sample", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name="sample", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     tokenizer = Tokenizer.load(cfg.tokenizer)

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jaxcai.config import register
+from jaxcai.config import CONFIG_DIR, register
 from jaxcai.loop import run
 
 register()
 
 
-# An absolute path, so console scripts and `python -m` both find the configs.
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
-
-
-@hydra.main(config_path=CONFIGS, config_name="train", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
