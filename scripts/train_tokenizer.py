@@ -25,12 +25,15 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     args = parser.parse_args()
-    tok = Tokenizer.train(args.files, args.out, vocab_size=args.vocab_size,
-                          model_type=args.model_type)
+    tok = Tokenizer.train(
+        args.files, args.out, vocab_size=args.vocab_size, model_type=args.model_type
+    )
     text = Path(args.files[0]).read_text(encoding="utf-8")
     n_tokens = len(tok.encode(text))
-    print(f"wrote {args.out}: {tok.vocab_size} pieces, {len(text) / n_tokens:.2f} chars/token "
-          f"on {args.files[0]}")
+    print(
+        f"wrote {args.out}: {tok.vocab_size} pieces, {len(text) / n_tokens:.2f} chars/token "
+        f"on {args.files[0]}"
+    )
 
 
 if __name__ == "__main__":
