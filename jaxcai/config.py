@@ -227,7 +227,8 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
     try:
         mesh_shape = MeshConfig(**cfg.mesh).shape(n_devices)
     except ValueError as e:
-        raise ConfigError(f"config mesh: {e}") from e
+        values = " ".join(f"mesh.{k}={v}" for k, v in cfg.mesh.items())
+        raise ConfigError(f"config {values}: {e}") from e
     batch_shards = mesh_shape[0] * mesh_shape[1]
     micro = t.batch_size // t.grad_accum
     _check(

@@ -52,7 +52,7 @@ class TrainingError(RuntimeError):
 
 def initialize_distributed(cfg: DictConfig) -> None:
     """`jax.distributed.initialize` for multi-process runs (config values or environment)."""
-    if not cfg.enabled:
+    if not cfg.enabled or jax.distributed.is_initialized():
         return
     kwargs = {
         k: cfg[k]

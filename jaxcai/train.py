@@ -126,6 +126,10 @@ def rm_objective(
     batch: Batch,
     ref_params: Params | None = None,
 ):
+    if not oc.center_coef:
+        # Without centering the loss is blind to a shift of all rewards: the bias has an
+        # exactly zero gradient, and Adam would otherwise amplify rounding noise into steps.
+        params = {**params, "reward_bias": jax.lax.stop_gradient(params["reward_bias"])}
     rewards = reward_forward(
         mc, params, _pair(batch, "tokens"), segment_ids_BT=_pair(batch, "segment_ids")
     )

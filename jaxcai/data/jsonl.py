@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcai.tokenizer import Tokenizer, format_conversation
+from jaxcai.tokenizer import ConversationError, Tokenizer, format_conversation
 
 __all__ = ["DataError", "Dataset", "load_dataset", "resolve_path"]
 
@@ -108,7 +108,7 @@ def _check_record(line: str, kind: str, where: str) -> dict[str, Any]:
     if (
         kind == "preference"
         and p is not None
-        and (not isinstance(p, int | float) or not 0 <= p <= 1)
+        and (isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1)
     ):
         raise DataError(f"{where}: p_chosen must be a number in [0, 1], got {p!r}")
     return record
@@ -144,7 +144,12 @@ def _encode_response(
     tok: Tokenizer, prompt: str, response: str, where: str
 ) -> tuple[list[int], list[int]]:
     """(ids with bos/eos, loss mask over ids): the mask covers the last turn and eos."""
-    enc = tok.encode_conversation(conversation_text(prompt, response), add_bos=True, add_eos=True)
+    try:
+        enc = tok.encode_conversation(
+            conversation_text(prompt, response), add_bos=True, add_eos=True
+        )
+    except ConversationError as e:
+        raise DataError(f"{where}: {e}") from None
     last = enc.spans[-1]
     if last.role != "Assistant":
         raise DataError(f"{where}: the conversation must end with the Assistant's response")
