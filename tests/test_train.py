@@ -456,3 +456,40 @@ def test_bad_config_fails_at_start_up(tmp_path, overrides, key):
 def test_config_type_error_at_compose():
     with pytest.raises(ConfigCompositionException, match="objective.beta"):
         compose(["objective=dpo", "objective.beta=abc"])
+
+
+def test_reward_model_starts_from_a_language_model_checkpoint(tmp_path):
+    """`trainer.init_from` loads the backbone; the scalar head starts fresh."""
+    from jaxcai import hf
+    from jaxcai.model_config import ModelConfig
+
+    config = ModelConfig.tiny(n_layers=1)
+    lm = model.init_params(config, jax.random.key(7))
+    hf.save_pretrained(tmp_path / "lm", config, lm, progress=False)
+    cfg = compose(
+        [
+            "experiment=smoke_rm",
+            *QUIET,
+            f"trainer.init_from={tmp_path / 'lm'}",
+            "trainer.steps=2",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=0",
+            "optimizer.lr=1e-9",
+            "trainer.eval_batches=1",
+        ]
+    )
+    run(cfg, tmp_path / "run")
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    target = {"params": model.init_params(config, jax.random.key(0), head="reward")}
+    from orbax.checkpoint import args as ocp_args
+
+    restored = ckpt.manager.restore(
+        2, args=ocp_args.Composite(state=ocp_args.PyTreeRestore(partial_restore=True, item=target))
+    )["state"]["params"]
+    ckpt.close()
+    assert "lm_head" not in restored and restored["reward_kernel"].shape == (config.d_model,)
+    # lr 1e-9: two steps leave the loaded backbone where it was.
+    np.testing.assert_allclose(restored["embed"], lm["embed"], atol=1e-6)
+    np.testing.assert_allclose(
+        restored["layers"]["mlp"]["up_kernel"], lm["layers"]["mlp"]["up_kernel"], atol=1e-6
+    )
