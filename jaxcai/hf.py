@@ -325,7 +325,7 @@ def load_pretrained(
             stacked = our_path[0] == "layers"
             per_layer = tuple(sd.shape[1:]) if stacked else tuple(sd.shape)
             expected = _hf_shape(kind, per_layer)
-            host = np.empty(sd.shape, dtype=sd.dtype)
+            host = np.empty(sd.shape, dtype=sd.dtype) if stacked else None
             for i, name in enumerate(names):
                 tensor, file = read(name)
                 if tuple(tensor.shape) != expected:
@@ -333,11 +333,11 @@ def load_pretrained(
                         f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                         f"{expected} for {config.model_type} with this config.json"
                     )
-                value = _to_ours(kind, tensor, per_layer).astype(sd.dtype)
+                value = _to_ours(kind, tensor, per_layer).astype(sd.dtype, copy=False)
                 if stacked:
                     host[i] = value
                 else:
-                    host[...] = value
+                    host = value  # one tensor: no second host copy
                 used.add(name)
             leaves[our_path] = _place(host, flat_shardings.get(our_path))
             del host

@@ -250,9 +250,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         replicated = NamedSharding(mesh, PartitionSpec())
         train_step = make_train_step(mc, cfg.objective, optimizer, schedule)
-        first = global_batch(
+        first = global_batch(  # the first step's batch, which also gives its shardings
             train_ds,
-            epoch_stream_indices(len(train_ds), t.seed, 0, t.batch_size),
+            epoch_stream_indices(len(train_ds), t.seed, start, t.batch_size),
             t.grad_accum,
             mesh,
             rules,
@@ -324,7 +324,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 indices = epoch_stream_indices(len(train_ds), t.seed, step, t.batch_size)
                 batch = (
                     first
-                    if step == 0
+                    if step == start
                     else global_batch(train_ds, indices, t.grad_accum, mesh, rules)
                 )
                 state, device_metrics = jstep(state, batch, ref_params)
