@@ -1,7 +1,9 @@
 """Orbax checkpoints of the train state, restorable onto any mesh.
 
-Each checkpoint step holds the `TrainState` (params, optimizer state, step, RNG) and a
-small JSON `meta` (the data position, the config's objective). Saves are asynchronous
+Each checkpoint step holds the `TrainState` (params, optimizer state, step, RNG), a
+small JSON `meta` (the step, the config's objective) and, when given, the state of each
+process's grain data iterator (one small JSON file per process), so a resumed run reads
+exactly the batch the interrupted one would have read next. Saves are asynchronous
 and atomic (orbax writes a temporary directory and renames it when complete), so a run
 killed mid-save leaves the previous checkpoints intact; a latest checkpoint that fails to
 restore is reported and the one before it is used.
@@ -13,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -42,10 +45,36 @@ class Checkpointer:
         """Completed checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Start saving (returns at once when async); `wait` blocks until it is on disk."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+    def save(
+        self,
+        step: int,
+        state: Any,
+        meta: dict[str, Any],
+        *,
+        data: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Start saving (returns at once when async); `wait` blocks until it is on disk.
+
+        `data` is a grain iterator whose position is saved with the state."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore_data(self, step: int, iterator: Any) -> None:
+        """Set `iterator` to the position saved with checkpoint `step` (raises
+        `NoCheckpointError` when that checkpoint holds none for this process)."""
+        if not (self.directory / str(step) / "data").is_dir():
+            raise NoCheckpointError(f"checkpoint {step} in {self.directory} has no data state")
+        try:
+            self.manager.restore(
+                step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
+            )
+        except (ValueError, OSError, KeyError) as e:
+            raise NoCheckpointError(
+                f"checkpoint {step} in {self.directory}: data iterator state unreadable ({e})"
+            ) from e
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

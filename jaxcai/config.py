@@ -24,6 +24,7 @@ OBJECTIVES = ("lm", "sft", "rm", "dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("precompute", "model")
 NONFINITE = ("stop", "skip")
+PADDING = ("fixed", "bucket")
 
 
 class ConfigError(ValueError):
@@ -75,14 +76,25 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """JSONL files: `bundled:NAME` is a file shipped in `jaxcai/data/files/`."""
+    """Training data: prepared TFDS datasets (`jaxcai-data`), `bundled:NAME` for a file
+    shipped in `jaxcai/data/files/`, or a raw JSONL file (prepared once into the cache).
+    Truncation, packing and padding are documented in `jaxcai.data.pipeline`."""
 
     train: str = "bundled:sft.jsonl"
-    eval: str | None = None  # None: hold out `eval_fraction` of train
+    eval: str | None = None  # None: train's `eval` split if it has one, else hold out
     eval_fraction: float = 0.1
-    max_len: int = 128  # tokens per sequence (prompt + response, or a packed row)
+    format: str = "jsonl"  # raw files only: jsonl | hh
+    max_len: int = 128  # tokens per row (prompt + response, or packed examples)
+    max_prompt_len: int | None = None  # a truncated prompt keeps >= this many (None: max_len/2)
+    truncate: bool = True  # over-long: keep the prompt's end and response's start; else error
+    pack: bool = True  # sft: pack several examples into each row
+    pad: str = "fixed"  # fixed: rows of max_len | bucket: the smallest bucket that fits
+    buckets: list[int] | None = None  # bucket lengths; None = powers of two from 64
+    shuffle: bool = True
+    workers: int = 0  # grain worker processes (0: read in the training process)
+    read_threads: int = 2
     tokenizer: str | None = None  # sentencepiece path; None = the bundled tokenizer
-    skip_bad: bool = False  # count and report malformed/over-long records instead of failing
+    skip_invalid: bool = False  # count and report bad records instead of failing
 
 
 @dataclasses.dataclass
@@ -223,6 +235,22 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
         f"must be divisible by trainer.grad_accum={t.grad_accum}",
     )
     _check(d.max_len >= 2, "data.max_len", d.max_len, "must be at least 2")
+    _check(d.format in ("jsonl", "hh"), "data.format", d.format, "choose jsonl or hh")
+    _check(d.pad in PADDING, "data.pad", d.pad, f"choose one of {PADDING}")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.read_threads >= 1, "data.read_threads", d.read_threads, "must be >= 1")
+    _check(
+        d.max_prompt_len is None or 0 < d.max_prompt_len < d.max_len,
+        "data.max_prompt_len",
+        d.max_prompt_len,
+        f"must be in (0, data.max_len={d.max_len})",
+    )
+    _check(
+        not d.buckets or all(0 < b <= d.max_len for b in d.buckets),
+        "data.buckets",
+        d.buckets,
+        f"lengths must be in (0, data.max_len={d.max_len}]",
+    )
     _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     try:
         mesh_shape = MeshConfig(**cfg.mesh).shape(n_devices)

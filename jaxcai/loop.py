@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from jaxcai import hf, model, sharding
-from jaxcai.checkpoint import Checkpointer
+from jaxcai.checkpoint import Checkpointer, NoCheckpointError
 from jaxcai.config import ConfigError, model_config, validate
-from jaxcai.data.batches import epoch_stream_indices, eval_index_batches, global_batch
-from jaxcai.data.jsonl import Dataset, load_dataset
+from jaxcai.data.batches import data_shard, eval_index_batches, from_local_rows, global_batch
+from jaxcai.data.pipeline import ArrayRows, repad
+from jaxcai.data.training import TrainData, training_data
 from jaxcai.metrics import MetricsWriter, peak_flops_per_device
 from jaxcai.model_config import ModelConfig, flops_per_token
 from jaxcai.tokenizer import Tokenizer
@@ -104,60 +105,59 @@ def _state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
     return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def _datasets(cfg: DictConfig, tok: Tokenizer) -> tuple[Dataset, Dataset]:
-    d, name = cfg.data, cfg.objective.name
-    train = load_dataset(d.train, name, tok, d.max_len, skip_bad=d.skip_bad)
-    if d.eval:
-        evaluation = load_dataset(d.eval, name, tok, d.max_len, skip_bad=d.skip_bad)
-    else:
-        train, evaluation = train.split(d.eval_fraction, seed=cfg.trainer.seed)
-    for ds in (train, evaluation):
-        if ds.skipped:
-            log.warning(
-                "%s: skipped %d records (%s)",
-                ds.source,
-                sum(ds.skipped.values()),
-                ", ".join(f"{k}: {v}" for k, v in sorted(ds.skipped.items())),
-            )
-    return train, evaluation
-
-
-def _tokens_per_example(ds: Dataset) -> np.ndarray:
-    a = ds.arrays
-    if "segment_ids" in a:
-        return (a["segment_ids"] > 0).sum(-1)
-    return (a["chosen"]["segment_ids"] > 0).sum(-1) + (a["rejected"]["segment_ids"] > 0).sum(-1)
-
-
-def _attach_reference(
-    cfg: DictConfig, run_dir: Path, datasets: dict[str, Dataset], mc, params, mesh, rules
-) -> None:
-    """DPO's precomputed reference log-probs, from the initial params, cached in the run dir
-    (so a resumed run uses exactly the same reference)."""
+def _reference(
+    cfg: DictConfig, run_dir: Path, data: TrainData, mc, params, mesh, rules
+) -> dict[str, dict[str, np.ndarray]]:
+    """DPO's precomputed reference log-probs of every train and eval pair, from the
+    initial params, by position in the split; cached in the run dir (so a resumed run
+    uses exactly the same reference)."""
     cache = run_dir / "reference_logps.npz"
     stored = dict(np.load(cache)) if cache.exists() else {}
     fn = jax.jit(
         lambda p, b: reference_logps(mc, p, b), out_shardings=NamedSharding(mesh, PartitionSpec())
     )
     batch_size = cfg.trainer.batch_size // cfg.trainer.grad_accum
-    for split, ds in datasets.items():
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("train", "eval"):
+        rows = data.rows(split)
         keys = [f"{split}/ref_chosen_logps", f"{split}/ref_rejected_logps"]
-        if not all(k in stored and len(stored[k]) == len(ds) for k in keys):
+        if not all(k in stored and len(stored[k]) == len(rows) for k in keys):
             parts = []
             for idx in tqdm(
-                list(eval_index_batches(len(ds), batch_size)),
+                list(eval_index_batches(len(rows), batch_size)),
                 desc=f"reference log-probs ({split})",
                 disable=not cfg.trainer.progress or jax.process_index() != 0,
             ):
-                b = global_batch(ds, idx, 1, mesh, rules)
-                out = fn(params, jax.tree_util.tree_map(lambda x: x[0], b))
-                parts.append({k: np.asarray(v)[idx >= 0] for k, v in out.items()})
+                b = global_batch(rows, idx, 1, mesh, rules)
+                logps = fn(params, jax.tree_util.tree_map(lambda x: x[0], b))
+                parts.append({k: np.asarray(v)[idx >= 0] for k, v in logps.items()})
             for k in ("ref_chosen_logps", "ref_rejected_logps"):
                 stored[f"{split}/{k}"] = np.concatenate([p[k] for p in parts])
-        for k in ("ref_chosen_logps", "ref_rejected_logps"):
-            ds.arrays[k] = stored[f"{split}/{k}"].astype(np.float32)
+        out[split] = {
+            k: stored[f"{split}/{k}"].astype(np.float32)
+            for k in ("ref_chosen_logps", "ref_rejected_logps")
+        }
     if jax.process_index() == 0:
         np.savez(cache, **stored)
+    return out
+
+
+def _local_tokens(local: dict[str, Any]) -> int:
+    """Non-padding tokens in this process's rows."""
+    if "segment_ids" in local:
+        return int((local["segment_ids"] > 0).sum())
+    return int(sum((local[s]["segment_ids"] > 0).sum() for s in ("chosen", "rejected")))
+
+
+def _agree_length(local: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """With bucketed padding on several hosts, pad every host's rows to the longest."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    rows = local if "tokens" in local else local["chosen"]
+    length = int(np.max(multihost_utils.process_allgather(np.int32(rows["tokens"].shape[1]))))
+    return repad(local, length, pad_id)
 
 
 class _Preemption:
@@ -176,7 +176,7 @@ class _Preemption:
 
 
 def _evaluate(
-    eval_fn, params, ref_params, ds: Dataset, cfg: DictConfig, mesh, rules
+    eval_fn, params, ref_params, ds: ArrayRows, cfg: DictConfig, mesh, rules
 ) -> dict[str, float]:
     t = cfg.trainer
     sums: dict[str, float] = {}
@@ -214,15 +214,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 f"config data.tokenizer: {tok.vocab_size} pieces do not fit the "
                 f"model's {mc.vocab_size} embeddings"
             )
-        train_ds, eval_ds = _datasets(cfg, tok)
-        ref_params = None
+        data = training_data(cfg.data, cfg.objective.name, tok, t.seed)
+        ref_params, ref = None, {"train": None, "eval": None}
         if cfg.objective.name == "dpo":
             if cfg.objective.reference == "model":
                 ref_params = jax.tree_util.tree_map(jnp.copy, params)
             else:
-                _attach_reference(
-                    cfg, run_dir, {"train": train_ds, "eval": eval_ds}, mc, params, mesh, rules
-                )
+                ref = _reference(cfg, run_dir, data, mc, params, mesh, rules)
+        eval_rows = data.eval_rows(ref["eval"])
 
         optimizer = make_optimizer(cfg.optimizer, t.steps)
         schedule = make_schedule(cfg.optimizer, t.steps)
@@ -242,34 +241,48 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints
         )
         metrics_out = MetricsWriter(run_dir, tensorboard=t.tensorboard)
+        shard_index, shard_count = data_shard(t.batch_size, t.grad_accum, mesh, rules)
+        batches = data.iterator(
+            rows_per_batch=t.batch_size // shard_count,
+            seed=t.seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            shuffle=cfg.data.shuffle,
+            workers=cfg.data.workers,
+            read_threads=cfg.data.read_threads,
+            ref=ref["train"],
+        )
         start = 0
         if t.resume and ckpt.steps():
             start, state, meta = ckpt.restore(state)
             log.info("resumed from checkpoint %d (%s)", start, json.dumps(meta))
             metrics_out.truncate_after(start)
+            try:
+                ckpt.restore_data(start, batches)
+            except NoCheckpointError as e:
+                raise TrainingError(
+                    f"{e}; the data position cannot be recovered exactly (resume with the "
+                    "same number of processes, or start a new run directory)"
+                ) from e
 
         replicated = NamedSharding(mesh, PartitionSpec())
         train_step = make_train_step(mc, cfg.objective, optimizer, schedule)
-        first = global_batch(  # the first step's batch, which also gives its shardings
-            train_ds,
-            epoch_stream_indices(len(train_ds), t.seed, start, t.batch_size),
-            t.grad_accum,
-            mesh,
-            rules,
-        )
-        batch_sh = jax.tree_util.tree_map(lambda x: x.sharding, first)
         ref_sh = (
             None if ref_params is None else jax.tree_util.tree_map(lambda x: x.sharding, ref_params)
         )
         jstep = jax.jit(
             train_step,
-            in_shardings=(state_sh, batch_sh, ref_sh),
+            in_shardings=(state_sh, None, ref_sh),  # batches arrive already sharded
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
         )
         jeval = jax.jit(make_eval_step(mc, cfg.objective), out_shardings=replicated)
 
-        tokens_per_example = _tokens_per_example(train_ds)
+        def next_batch() -> tuple[dict[str, Any], int]:
+            local = _agree_length(next(batches), tok.pad_id)
+            tokens = _local_tokens(local) * shard_count
+            return from_local_rows(local, t.batch_size, t.grad_accum, mesh, rules), tokens
+
         peak = peak_flops_per_device(t.peak_tflops)
         flops_token = flops_per_token(mc, cfg.data.max_len)
         preempt = _Preemption()
@@ -286,12 +299,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         window = {"tokens": 0, "time": time.perf_counter()}
 
         def save(step: int, force: bool = False) -> None:
-            meta = {
-                "step": step,
-                "data": {"position": step * t.batch_size, "seed": t.seed},
-                "objective": cfg.objective.name,
-            }
-            ckpt.save(step, state, meta, force=force)
+            meta = {"step": step, "data_seed": t.seed, "objective": cfg.objective.name}
+            ckpt.save(step, state, meta, data=batches, force=force)
 
         def finish(record) -> None:
             nonlocal skipped_steps, last
@@ -321,23 +330,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         try:
             for step in range(start, t.steps):
-                indices = epoch_stream_indices(len(train_ds), t.seed, step, t.batch_size)
-                batch = (
-                    first
-                    if step == start
-                    else global_batch(train_ds, indices, t.grad_accum, mesh, rules)
-                )
+                batch, n_tokens = next_batch()
                 state, device_metrics = jstep(state, batch, ref_params)
                 if pending is not None:
                     finish(pending)  # the previous step's metrics, read while this one runs
-                pending = (step + 1, device_metrics, int(tokens_per_example[indices].sum()))
+                pending = (step + 1, device_metrics, n_tokens)
                 bar.update()
                 done = step + 1
                 if t.eval_every and done % t.eval_every == 0 and done < t.steps:
                     finish(pending)
                     pending = None
                     metrics_out.write(
-                        done, _evaluate(jeval, state.params, ref_params, eval_ds, cfg, mesh, rules)
+                        done,
+                        _evaluate(jeval, state.params, ref_params, eval_rows, cfg, mesh, rules),
                     )
                 if (t.checkpoint_every and done % t.checkpoint_every == 0) or preempt.requested:
                     if pending is not None:
@@ -349,7 +354,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     raise SystemExit(f"preempted at step {done}; checkpoint saved")
             if pending is not None:
                 finish(pending)
-            final_eval = _evaluate(jeval, state.params, ref_params, eval_ds, cfg, mesh, rules)
+            final_eval = _evaluate(jeval, state.params, ref_params, eval_rows, cfg, mesh, rules)
             metrics_out.write(t.steps, final_eval)
             if t.steps not in ckpt.steps():
                 save(t.steps, force=True)

@@ -120,11 +120,15 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes, *, source: str = "<bytes>"):
         self.source = source
+        self._proto = model_proto
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
             raise ValueError(f"{source}: not a sentencepiece model ({e})") from e
+
+    def __reduce__(self):  # pickles as the model bytes (grain worker processes need it)
+        return (_from_proto, (self._proto, self.source))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> Tokenizer:
@@ -252,6 +256,10 @@ class Tokenizer:
         if add_eos:
             ids = [*ids, self.eos_id]
         return EncodedConversation(ids=ids, spans=spans, text=text)
+
+
+def _from_proto(model_proto: bytes, source: str) -> Tokenizer:
+    return Tokenizer(model_proto, source=source)
 
 
 def _char_to_byte(text: str) -> list[int]:

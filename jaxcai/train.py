@@ -97,9 +97,22 @@ def init_train_state(
 # ----- objectives -----------------------------------------------------------------------
 
 
-def _pair(batch: Batch, key: str) -> jax.Array:
+def _pair(batch: Batch, key: str) -> jax.Array | None:
     """Chosen rows then rejected rows: one forward pass serves both."""
+    if key not in batch["chosen"]:
+        return None
     return jnp.concatenate([batch["chosen"][key], batch["rejected"][key]], axis=0)
+
+
+def _inputs(batch: Batch, pair: bool = False) -> dict[str, jax.Array | None]:
+    """Model inputs of a batch: tokens, segment ids, and positions when the pipeline
+    packed examples (positions restart per segment either way)."""
+    get = (lambda k: _pair(batch, k)) if pair else batch.get
+    return {
+        "tokens_BT": get("tokens"),
+        "segment_ids_BT": get("segment_ids"),
+        "positions_BT": get("positions"),
+    }
 
 
 def _soft_label(oc: ObjectiveConfig, batch: Batch) -> jax.Array | None:
@@ -114,7 +127,7 @@ def lm_objective(
     ref_params: Params | None = None,
 ):
     """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
-    logits = forward(mc, params, batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    logits = forward(mc, params, **_inputs(batch))
     loss, metrics = sft_loss(logits, batch["targets"], batch["mask"])
     return loss, metrics["tokens"], metrics
 
@@ -130,9 +143,7 @@ def rm_objective(
         # Without centering the loss is blind to a shift of all rewards: the bias has an
         # exactly zero gradient, and Adam would otherwise amplify rounding noise into steps.
         params = {**params, "reward_bias": jax.lax.stop_gradient(params["reward_bias"])}
-    rewards = reward_forward(
-        mc, params, _pair(batch, "tokens"), segment_ids_BT=_pair(batch, "segment_ids")
-    )
+    rewards = reward_forward(mc, params, **_inputs(batch, pair=True))
     chosen, rejected = jnp.split(rewards, 2)
     loss, metrics = reward_loss(
         chosen,
@@ -146,7 +157,7 @@ def rm_objective(
 
 
 def _pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logits = forward(mc, params, _pair(batch, "tokens"), segment_ids_BT=_pair(batch, "segment_ids"))
+    logits = forward(mc, params, **_inputs(batch, pair=True))
     return sequence_logps(logits, _pair(batch, "targets"), _pair(batch, "mask"))
 
 

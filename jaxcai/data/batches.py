@@ -1,39 +1,30 @@
-"""Global batches on a mesh, built so each process reads only the rows its devices hold.
+"""Global batches on a mesh, built so each process supplies only the rows its devices hold.
 
-Training batches are a pure function of the step: step `s` takes positions
-`s*B ... s*B+B-1` of an endless stream of per-epoch permutations (seeded by
-`(seed, epoch)`), so resuming at step `s` is exact with no iterator state beyond `s`.
-A global batch has shape `[A, B/A, ...]` (A = gradient-accumulation steps) and is sharded
-over the mesh's batch axes on its second axis.
+A global batch has shape `[A, B/A, ...]` (A = gradient-accumulation steps), sharded over
+the mesh's batch axes on its second axis. Training batches come from each process's grain
+iterator (`from_local_rows`); evaluation and reference batches are gathered by example
+index from random-access rows (`global_batch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcai.data.jsonl import Dataset
+from jaxcai.data.pipeline import EMPTY
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding
 
-__all__ = ["epoch_stream_indices", "eval_index_batches", "global_batch"]
-
-EMPTY = -1  # index of a padding row: zero weight, zero loss mask
+__all__ = ["EMPTY", "data_shard", "eval_index_batches", "from_local_rows", "global_batch"]
 
 
-def epoch_stream_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
-    """Example indices of training batch `step`: a new permutation every epoch."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, n)
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        chosen = epochs == epoch
-        out[chosen] = perm[offsets[chosen]]
-    return out
+class Rows(Protocol):
+    def __len__(self) -> int: ...
+
+    def take(self, indices: np.ndarray) -> dict[str, Any]: ...
 
 
 def eval_index_batches(n: int, batch_size: int, limit: int = 0) -> Iterator[np.ndarray]:
@@ -45,43 +36,66 @@ def eval_index_batches(n: int, batch_size: int, limit: int = 0) -> Iterator[np.n
         yield np.concatenate([idx, np.full(batch_size - len(idx), EMPTY)])
 
 
-def _rows(ds: Dataset, indices: np.ndarray) -> dict[str, Any]:
-    """Rows for `indices` (any shape) with `weight`; EMPTY rows have zero weight and mask."""
-    valid = indices != EMPTY
-    rows = ds.take(np.where(valid, indices, 0))
-
-    def zero_masks(tree):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                zero_masks(value)
-            elif key == "mask":
-                tree[key] = value * valid[..., None]
-
-    zero_masks(rows)
-    rows["weight"] = valid.astype(np.float32)
-    return rows
-
-
 def _logical(ndim: int) -> tuple[str | None, ...]:
     return (None, "batch", "length", *[None] * max(0, ndim - 3))[:ndim]
 
 
-def global_batch(
-    ds: Dataset, indices: np.ndarray, grad_accum: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
+def _sharding(shape: tuple[int, ...], mesh: Mesh, rules: Rules):
+    return named_sharding(_logical(len(shape)), mesh, rules, shape)
+
+
+def data_shard(
+    batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> tuple[int, int]:
+    """(shard index, shard count) of the rows this process feeds: its devices hold rows
+    `[index * r, (index + 1) * r)` of every micro-batch, `r = batch_size / grad_accum / count`.
+    Processes whose devices hold the same rows get the same index (and read the same data).
+    """
+    shape = (grad_accum, batch_size // grad_accum, 1)
+    index_map = _sharding(shape, mesh, rules).addressable_devices_indices_map(shape)
+    rows = sorted({idx[1].indices(shape[1])[:2] for idx in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    if any(b[0] != a[1] for a, b in zip(rows, rows[1:], strict=False)):
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}")
+    size = stop - start
+    return start // size, shape[1] // size
+
+
+def from_local_rows(
+    local: dict[str, Any],
+    batch_size: int,
+    grad_accum: int,
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
 ) -> dict[str, Any]:
-    """A `[A, B/A, ...]` global batch on `mesh`; each process gathers only its own rows."""
+    """This process's rows (`[A * r, ...]`, from its `data_shard`) -> the global
+    `[A, B/A, ...]` batch on `mesh`."""
+
+    def leaf(x: np.ndarray) -> jax.Array:
+        part = x.reshape(grad_accum, -1, *x.shape[1:])
+        full = (grad_accum, batch_size // grad_accum, *part.shape[2:])
+        return jax.make_array_from_process_local_data(_sharding(full, mesh, rules), part, full)
+
+    return jax.tree_util.tree_map(leaf, local)
+
+
+def global_batch(
+    rows: Rows, indices: np.ndarray, grad_accum: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> dict[str, Any]:
+    """A `[A, B/A, ...]` global batch of `rows` at `indices`; each process gathers only
+    the rows its devices hold."""
     index_AM = indices.reshape(grad_accum, -1)
-    example = _rows(ds, index_AM[:, :1])  # one column, for the leaf shapes
+    example = rows.take(index_AM[:, :1])  # one column, for the leaf shapes
     cache: dict[str, dict[str, Any]] = {}  # rows per device slice, shared by all leaves
 
     def leaf(path, like: np.ndarray):
         full = (*index_AM.shape, *like.shape[2:])
-        sharding = named_sharding(_logical(len(full)), mesh, rules, full)
+        sharding = _sharding(full, mesh, rules)
 
         def fetch(idx):
             key = repr(idx[:2])
             if key not in cache:
-                cache[key] = _rows(ds, index_AM[idx[:2]])
+                cache[key] = rows.take(index_AM[idx[:2]])
             sub = cache[key]
             for k in path:
                 sub = sub[k.key]

@@ -1,0 +1,391 @@
+"""The grain input pipeline: prepared records -> fixed-shape token rows for the train step.
+
+Per example (pure functions, run in grain's map stage):
+
+* `text` documents become `bos + text + eos`; rows are cut from their concatenation
+  (grain's concat-then-split), so no token is wasted and the loss never crosses a
+  document boundary (segment ids keep them apart).
+* `sft` conversations become `bos + prompt + "\\n\\nAssistant: " + response + eos`; the
+  loss mask covers the response tokens and eos only.
+* `preference` pairs become a chosen and a rejected sequence of the same layout.
+
+**Truncation policy** (`data.truncate=true`): a sequence longer than `max_len + 1`
+tokens (one more than a row, for the shifted target) keeps the *end* of its prompt and
+the *start* of its response. The prompt keeps `bos` plus its last tokens: all of them if
+the whole response fits, otherwise at least `max_prompt_len` (default `max_len // 2`)
+of them, and the response fills the rest (losing its `eos` when cut). With
+`truncate=false` an over-long example is an error naming its `file:line`.
+
+Rows (`[rows, length]` int32): `tokens` (model input), `targets` (next token), `mask`
+(targets counted by the loss), `segment_ids` (1, 2, ... per packed example, 0 =
+padding), `positions` (per segment), plus `weight` (1 for a real row). Pairs hold
+`chosen` and `rejected` rows of one shared length, and `p_chosen`.
+
+Lengths: `pad="fixed"` pads every row to `max_len`; `pad="bucket"` pads a batch to the
+smallest of a few bucket lengths that fits its longest row, so jit compiles one program
+per bucket, not per batch. SFT rows are packed first-fit with several examples per row
+(`pack=true`); text rows are always full.
+
+Training order: the example stream is a seeded permutation per epoch
+(`MapDataset.shuffle` then `repeat`), sliced `shard_index::shard_count` so each host
+reads only its own examples, disjoint from the others'. The iterator's state
+(`get_state`/`set_state`, saved in the orbax checkpoint) resumes on the exact next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxcai.data.records import DataError, conversation_text
+from jaxcai.tokenizer import Tokenizer
+
+__all__ = [
+    "ArrayRows",
+    "IndexedSource",
+    "Layout",
+    "MapRows",
+    "encode_example",
+    "eval_rows",
+    "pad_rows",
+    "train_iterator",
+]
+
+SEQ_KEYS = ("tokens", "targets", "mask")
+EMPTY = -1  # index of a padding row in an index batch: zero weight, zero loss mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How examples become rows: length, truncation, packing and padding."""
+
+    kind: str  # text | sft | preference
+    max_len: int
+    max_prompt_len: int | None = None  # tokens kept from a truncated prompt (None: max_len//2)
+    truncate: bool = True
+    pack: bool = True  # sft: several examples per row
+    pad: str = "fixed"  # fixed | bucket
+    buckets: tuple[int, ...] = ()  # bucket lengths; () = powers of two from 64, and max_len
+
+    @property
+    def prompt_budget(self) -> int:
+        return self.max_prompt_len or max(1, self.max_len // 2)
+
+    def bucket_lengths(self) -> tuple[int, ...]:
+        if self.pad == "fixed":
+            return (self.max_len,)
+        chosen = self.buckets or tuple(2**k for k in range(6, 20) if 2**k < self.max_len)
+        return tuple(sorted({b for b in chosen if b < self.max_len} | {self.max_len}))
+
+    def row_length(self, longest: int) -> int:
+        """The padded length of a batch whose longest row has `longest` tokens."""
+        return next(b for b in self.bucket_lengths() if b >= longest)
+
+
+# ----- one example --------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _sequence(prompt_ids: list[int], response_ids: list[int]) -> dict[str, np.ndarray]:
+    ids = np.asarray(prompt_ids + response_ids, np.int32)
+    mask = np.zeros(len(ids) - 1, np.int32)
+    mask[len(prompt_ids) - 1 :] = 1
+    return {"tokens": ids[:-1], "targets": ids[1:], "mask": mask}
+
+
+def encode_response(
+    tok: Tokenizer, prompt: str, response: str, layout: Layout, source: str
+) -> dict[str, np.ndarray]:
+    """Token arrays of one prompt/response conversation, truncated as documented."""
+    enc = tok.encode_conversation(conversation_text(prompt, response), add_bos=True, add_eos=True)
+    start = enc.spans[-1].start
+    prompt_ids, response_ids = enc.ids[:start], enc.ids[start:]
+    budget = layout.max_len + 1
+    if len(enc.ids) > budget:
+        if not layout.truncate:
+            raise DataError(
+                f"{source}: {len(enc.ids)} tokens do not fit data.max_len={layout.max_len} "
+                "(+1 for the shifted target); raise data.max_len or set data.truncate=true",
+                reason="too_long",
+            )
+        keep = min(len(prompt_ids), max(budget - len(response_ids), layout.prompt_budget))
+        prompt_ids = [prompt_ids[0], *prompt_ids[len(prompt_ids) - keep + 1 :]]  # bos + end
+        response_ids = response_ids[: budget - len(prompt_ids)]
+    return _sequence(prompt_ids, response_ids)
+
+
+def encode_example(
+    raw: dict[str, Any], tok: Tokenizer, layout: Layout, ref: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """A prepared record (as read from the data source) -> variable-length arrays."""
+    source = _text(raw.get("source", "?"))
+    if layout.kind == "text":
+        ids = tok.encode(_text(raw["text"]), add_bos=True, add_eos=True)
+        ids = np.asarray(ids, np.int32)
+        return {"tokens": ids[:-1], "targets": ids[1:], "mask": np.ones(len(ids) - 1, np.int32)}
+    prompt = _text(raw["prompt"])
+    if layout.kind == "sft":
+        return encode_response(tok, prompt, _text(raw["response"]), layout, source)
+    out: dict[str, Any] = {
+        side: encode_response(tok, prompt, _text(raw[side]), layout, source)
+        for side in ("chosen", "rejected")
+    }
+    out["p_chosen"] = np.float32(raw.get("p_chosen", 1.0))
+    if ref is not None:
+        index = int(raw["index"])
+        out["ref_chosen_logps"] = np.float32(ref["ref_chosen_logps"][index])
+        out["ref_rejected_logps"] = np.float32(ref["ref_rejected_logps"][index])
+    return out
+
+
+def sequence_length(example: dict[str, Any]) -> int:
+    """Tokens of an encoded example's longest row."""
+    if "tokens" in example:
+        return len(example["tokens"])
+    return max(len(example["chosen"]["tokens"]), len(example["rejected"]["tokens"]))
+
+
+# ----- rows ---------------------------------------------------------------------------
+
+
+def _pad_sequences(seqs: Sequence[dict[str, np.ndarray]], length: int, pad_id: int):
+    """Unpacked sequences -> padded rows with one segment each."""
+    n = len(seqs)
+    out = {
+        "tokens": np.full((n, length), pad_id, np.int32),
+        "targets": np.full((n, length), pad_id, np.int32),
+        "mask": np.zeros((n, length), np.int32),
+        "segment_ids": np.zeros((n, length), np.int32),
+        "positions": np.zeros((n, length), np.int32),
+    }
+    for i, seq in enumerate(seqs):
+        k = len(seq["tokens"])
+        for key in SEQ_KEYS:
+            out[key][i, :k] = seq[key]
+        out["segment_ids"][i, :k] = 1
+        out["positions"][i, :k] = np.arange(k)
+    return out
+
+
+def pad_rows(
+    examples: Sequence[dict[str, Any]], layout: Layout, pad_id: int, length: int | None = None
+) -> dict[str, Any]:
+    """Stack encoded (unpacked) examples into rows of `length` (default: the batch's
+    bucket); pairs pad chosen and rejected to the same length."""
+    if length is None:
+        length = layout.row_length(max(sequence_length(e) for e in examples))
+    if "tokens" in examples[0]:
+        rows = _pad_sequences(examples, length, pad_id)
+    else:
+        rows = {
+            side: _pad_sequences([e[side] for e in examples], length, pad_id)
+            for side in ("chosen", "rejected")
+        }
+        for key in ("p_chosen", "ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                rows[key] = np.asarray([e[key] for e in examples], np.float32)
+    rows["weight"] = np.ones(len(examples), np.float32)
+    return rows
+
+
+def repad(rows: dict[str, Any], length: int, pad_id: int) -> dict[str, Any]:
+    """Rows padded on the right to a longer `length` (hosts agreeing on a bucket)."""
+
+    def pad(key: str, a: np.ndarray) -> np.ndarray:
+        if a.ndim < 2 or a.shape[1] == length:
+            return a
+        value = pad_id if key in ("tokens", "targets") else 0
+        return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=value)
+
+    return {
+        k: repad(v, length, pad_id) if isinstance(v, dict) else pad(k, v) for k, v in rows.items()
+    }
+
+
+def _packed_rows(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed features (`tokens_segment_ids`, ...) -> our row keys."""
+    return {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "mask": packed["mask"],
+        "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
+        "positions": packed["tokens_positions"].astype(np.int32),
+    }
+
+
+class _Collate:
+    """grain batch_fn: encoded examples -> padded rows (picklable for worker processes)."""
+
+    def __init__(self, layout: Layout, pad_id: int):
+        self.layout, self.pad_id = layout, pad_id
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return pad_rows(examples, self.layout, self.pad_id)
+
+
+def _sequence_keys(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: example[k] for k in SEQ_KEYS}
+
+
+def _stack_packed(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    out["weight"] = np.ones(len(rows), np.float32)
+    return out
+
+
+# ----- sources ------------------------------------------------------------------------
+
+
+class IndexedSource:
+    """A random-access view of a data source (optionally a subset of its indices) whose
+    records carry `index`, their position in the view."""
+
+    def __init__(self, source, indices: np.ndarray | None = None):
+        self.source = source
+        self.indices = None if indices is None else np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.source) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(i) if self.indices is None else int(self.indices[i])
+        return {**self.source[j], "index": int(i)}
+
+    def __repr__(self) -> str:
+        return f"IndexedSource({self.source!r}, {len(self)} records)"
+
+
+class _Encode:
+    """grain map: raw record -> encoded example."""
+
+    def __init__(self, tok: Tokenizer, layout: Layout, ref: dict[str, np.ndarray] | None):
+        self.tok, self.layout, self.ref = tok, layout, ref
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return encode_example(raw, self.tok, self.layout, self.ref)
+
+
+def train_iterator(
+    source: IndexedSource,
+    tok: Tokenizer,
+    layout: Layout,
+    *,
+    rows_per_batch: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    shuffle: bool = True,
+    workers: int = 0,
+    read_threads: int = 1,
+    ref: dict[str, np.ndarray] | None = None,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this shard's batches of `rows_per_batch`.
+
+    Every host builds the same seeded stream and keeps every `shard_count`-th example,
+    starting at `shard_index`, so the shards are disjoint and together cover each epoch.
+    """
+    if len(source) < shard_count:
+        raise DataError(f"{len(source)} examples cannot feed {shard_count} data shards")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)[shard_index::shard_count]
+    ds = ds.map(_Encode(tok, layout, ref))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows_per_batch)
+    )
+    lengths = {k: layout.max_len for k in SEQ_KEYS}
+    if layout.kind == "text":
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
+        it = it.map(_packed_rows).batch(rows_per_batch, batch_fn=_stack_packed)
+    elif layout.kind == "sft" and layout.pack:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it.map(_sequence_keys),
+            length_struct=lengths,
+            num_packing_bins=rows_per_batch,
+            shuffle_bins=False,
+        )
+        it = it.map(_packed_rows).batch(rows_per_batch, batch_fn=_stack_packed)
+    else:
+        it = it.batch(rows_per_batch, batch_fn=_Collate(layout, tok.pad_id))
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+# ----- random access (evaluation, reference log-probs) --------------------------------
+
+
+class ArrayRows:
+    """Rows held in memory as arrays with a leading example axis."""
+
+    def __init__(self, arrays: dict[str, Any], pad_id: int = 0):
+        self.arrays, self.pad_id = arrays, pad_id
+
+    def __len__(self) -> int:
+        return len(self.arrays["weight"])
+
+    def take(self, indices: np.ndarray) -> dict[str, Any]:
+        """Rows at `indices` (any shape); `EMPTY` indices give zero-weight, masked rows."""
+        valid = indices != EMPTY
+        rows = _map(lambda a: a[np.where(valid, indices, 0)], self.arrays)
+        return _zero_invalid(rows, valid)
+
+
+class MapRows:
+    """Examples encoded on demand from an `IndexedSource`, padded to `max_len`."""
+
+    def __init__(self, source: IndexedSource, tok: Tokenizer, layout: Layout, ref=None):
+        self.source, self.tok, self.layout, self.ref = source, tok, layout, ref
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def take(self, indices: np.ndarray) -> dict[str, Any]:
+        flat = np.asarray(indices).reshape(-1)
+        valid = flat != EMPTY
+        examples = [
+            encode_example(self.source[int(i) if ok else 0], self.tok, self.layout, self.ref)
+            for i, ok in zip(flat, valid, strict=True)
+        ]
+        rows = pad_rows(examples, self.layout, self.tok.pad_id, length=self.layout.max_len)
+        rows = _zero_invalid(rows, valid)
+        return _map(lambda a: a.reshape(*np.shape(indices), *a.shape[1:]), rows)
+
+
+def _map(fn, tree: Any) -> Any:
+    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+def _zero_invalid(rows: dict[str, Any], valid: np.ndarray) -> dict[str, Any]:
+    def walk(tree):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif key == "mask":
+                tree[key] = value * valid[..., None]
+            elif key == "weight":
+                tree[key] = value * valid
+
+    walk(rows)
+    return rows
+
+
+def eval_rows(source: IndexedSource, tok: Tokenizer, layout: Layout, ref=None) -> ArrayRows:
+    """Every example of `source` once, in order, as `max_len` rows in memory (text is
+    concatenated and split; other kinds take one row per example, unpacked)."""
+    fixed = dataclasses.replace(layout, pad="fixed", pack=False)
+    if layout.kind != "text":
+        return ArrayRows(MapRows(source, tok, fixed, ref).take(np.arange(len(source))), tok.pad_id)
+    it = grain.MapDataset.source(source).map(_Encode(tok, fixed, None)).to_iter_dataset()
+    it = grain.experimental.ConcatThenSplitIterDataset(
+        it, length_struct={k: layout.max_len for k in SEQ_KEYS}
+    ).map(_packed_rows)
+    return ArrayRows(_stack_packed(list(it)), tok.pad_id)
