@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Bundled and raw data files are prepared into this cache (shared by subprocesses).
+os.environ.setdefault("JAXCAI_CACHE", tempfile.mkdtemp(prefix="jaxcai-test-cache-"))
 
 import numpy as np
 import pytest
