@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,7 @@ from jaxcai.config import (
     compose,
     model_config,
 )
-from jaxcai.data.batches import epoch_stream_indices
-from jaxcai.data.jsonl import load_dataset
+from jaxcai.data.training import training_data
 from jaxcai.loop import TrainingError, run
 from jaxcai.metrics import read_metrics
 from jaxcai.tokenizer import Tokenizer
@@ -151,8 +151,8 @@ def test_sft_memorises_a_small_dataset(tmp_path):
     assert losses[-1] < 0.1 * losses[0]
     assert summary["eval/loss"] < 0.1 * losses[0]
     assert summary["eval/accuracy"] > 0.9
-    masks = load_dataset(str(data), "sft", Tokenizer.load(), 32).arrays["mask"]
-    assert summary["eval/tokens"] == masks.sum()  # every response token and eos, once
+    rows = training_data(cfg.data, "sft", Tokenizer.load(), 0).eval_rows()
+    assert summary["eval/tokens"] == rows.arrays["mask"].sum()  # each response token + eos once
 
 
 def test_reward_model_ranks_held_out_pairs(smoke_run):
@@ -316,13 +316,12 @@ def _poisoned_run(tmp_path: Path, monkeypatch, mode: str, steps: int):
     marker = sorted(set(tok.encode(POISON)) - clean_ids)
     assert marker
     n, batch_size = len(PAIRS), POISON_BATCH
-    # Put the marked example where seed 0's first epoch reaches it last.
-    poison_at = int(epoch_stream_indices(n, 0, FIRST_BAD - 1, batch_size)[0])
+    # Put the marked example where seed 0's first epoch reaches it last: the pipeline
+    # reads examples in a seeded permutation of their indices, one per row (no packing).
+    order = grain.MapDataset.range(n).shuffle(seed=0)
+    poison_at = int(order[batch_size * (FIRST_BAD - 1)])
     pairs = list(PAIRS)
     pairs[poison_at] = ("Say something.", POISON)
-    assert poison_at not in np.concatenate(
-        [epoch_stream_indices(n, 0, s, batch_size) for s in range(FIRST_BAD - 1)]
-    )
     data = write_sft(tmp_path / "poisoned.jsonl", pairs)
     clean = write_sft(tmp_path / "clean.jsonl", PAIRS)
 
@@ -340,6 +339,7 @@ def _poisoned_run(tmp_path: Path, monkeypatch, mode: str, steps: int):
             f"data.train={data}",
             f"data.eval={clean}",
             "data.max_len=32",
+            "data.pack=false",
             "model.n_layers=1",
             f"trainer.steps={steps}",
             f"trainer.batch_size={batch_size}",

@@ -403,7 +403,9 @@ def prepare_cached(
     """Prepare raw files once into the cache, keyed by their content and the options."""
     paths = expand_inputs(inputs)
     key = hashlib.sha256(
-        json.dumps([DATA_VERSION, kind, fmt, skip_invalid, [_sha256(p) for p in paths]]).encode()
+        json.dumps(
+            [DATA_VERSION, kind, fmt, skip_invalid, [(str(p.resolve()), _sha256(p)) for p in paths]]
+        ).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{paths[0].stem}-{kind}-{key}"
     if (target / "dataset_info.json").exists():

@@ -31,6 +31,7 @@ import collections
 import glob
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
 KINDS = ("text", "prompts", "sft", "preference")
 FORMATS = ("jsonl", "hh")
 ASSISTANT = "\n\nAssistant:"
+_HEADER = re.compile(r"\n\n(Human|Assistant):")
 TEXT_FIELDS = {
     "text": ("text",),
     "prompts": ("prompt",),
@@ -97,7 +99,9 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[Path]:
 def normalise_prompt(prompt: str, where: str) -> str:
     """A prompt as a transcript ending on a Human turn (plain text becomes one turn)."""
     text = prompt.strip()
-    if not text.startswith("Human:"):
+    if not text:
+        raise DataError(f"{where}: the prompt is empty", reason="empty_field")
+    if not _HEADER.search("\n\n" + text):
         return f"\n\nHuman: {text}"
     text = "\n\n" + text
     if text.endswith(ASSISTANT):  # an open Assistant header: the response would follow
@@ -165,17 +169,16 @@ def _optional(record: Mapping[str, Any], key: str, name: str, where: str) -> Any
         if not isinstance(value, dict):
             raise DataError(f"{where}: field {key!r} must be a JSON object", reason="bad_value")
     elif name == "p_chosen":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not 0 <= value <= 1
-        ):
+        try:
+            number = float(value) if isinstance(value, int | float) else math.nan
+        except OverflowError:
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or not 0 <= number <= 1:
             raise DataError(
                 f"{where}: field {key!r} must be a number in [0, 1], got {value!r}",
                 reason="bad_value",
             )
-        value = float(value)
+        value = number
     return value
 
 
@@ -198,10 +201,6 @@ def _parse_line(
         if kind == "sft":
             record["response"] = resp_c
         elif kind == "preference":
-            if resp_c == resp_r:
-                raise DataError(
-                    f"{where}: chosen and rejected responses are identical", reason="identical"
-                )
             record.update(chosen=resp_c, rejected=resp_r)
     else:
         for name in TEXT_FIELDS[kind]:
@@ -211,6 +210,8 @@ def _parse_line(
         for name in ("response", "chosen", "rejected"):
             if name in record:
                 record[name] = record[name].strip()
+    if kind == "preference" and record["chosen"] == record["rejected"]:
+        raise DataError(f"{where}: chosen and rejected responses are identical", reason="identical")
     for name in OPTIONAL_FIELDS[kind]:
         record[name] = _optional(raw, key(name), name, where)
     return record
@@ -237,12 +238,19 @@ def read_records(
         raise DataError("format=hh holds conversations; use kind=prompts, sft or preference")
     fields = dict(fields or {})
     for path in expand_inputs(inputs):
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
+        with path.open("rb") as f:
+            for line_no, raw_line in enumerate(f, start=1):
+                if not raw_line.strip():
                     continue
                 where = f"{path}:{line_no}"
                 try:
+                    try:
+                        line = raw_line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DataError(
+                            f"{where}: not UTF-8 text ({e.reason} at byte {e.start})",
+                            reason="encoding",
+                        ) from None
                     yield _parse_line(line, kind, fmt, fields, where)
                 except DataError as e:
                     if skipped is None or e.reason == "missing_file":
