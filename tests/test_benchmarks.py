@@ -31,3 +31,31 @@ def test_forward_benchmark_reports_throughput(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["model"] == "tiny" and result["seq_len"] == 16
     assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0
+
+
+def test_input_pipeline_benchmark_reports_throughput(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/input_pipeline.py",
+            "model=tiny",
+            "repeat=1",
+            "max_len=64",
+            "batches=5",
+            "warmup=1",
+            "train_steps=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kind"] == "sft" and result["max_len"] == 64 and result["model"] == "tiny"
+    assert result["tokens_per_s"] > 0 and result["examples_per_s"] > 0
+    assert result["train_tokens_per_s"] > 0 and result["headroom"] > 0
+    assert 0 <= result["padding_fraction"] < 1
+    assert json.loads((tmp_path / "result.json").read_text()) == result
