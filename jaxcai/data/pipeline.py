@@ -11,9 +11,10 @@ Per example (pure functions, run in grain's map stage):
 
 **Truncation policy** (`data.truncate=true`): a sequence longer than `max_len + 1`
 tokens (one more than a row, for the shifted target) keeps the *end* of its prompt and
-the *start* of its response. The prompt keeps `bos` plus its last tokens: all of them if
-the whole response fits, otherwise at least `max_prompt_len` (default `max_len // 2`)
-of them, and the response fills the rest (losing its `eos` when cut). With
+the *start* of its response. The prompt keeps `bos` and its last tokens: as many as the
+whole response leaves room for, but never fewer than `max_prompt_len` tokens in all
+(default `max_len // 2`, `bos` included); the response fills the rest (losing its `eos`
+when cut). With
 `truncate=false` an over-long example is an error naming its `file:line`.
 
 Rows (`[rows, length]` int32): `tokens` (model input), `targets` (next token), `mask`
@@ -70,6 +71,18 @@ class Layout:
     pack: bool = True  # sft: several examples per row
     pad: str = "fixed"  # fixed | bucket
     buckets: tuple[int, ...] = ()  # bucket lengths; () = powers of two from 64, and max_len
+
+    def __post_init__(self):
+        if self.kind not in ("text", "sft", "preference"):
+            raise ValueError(f"Layout.kind={self.kind!r}: choose text, sft or preference")
+        if self.max_len < 2:
+            raise ValueError(f"Layout.max_len={self.max_len}: must be at least 2")
+        if self.max_prompt_len is not None and not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(
+                f"Layout.max_prompt_len={self.max_prompt_len}: must be in (0, {self.max_len})"
+            )
+        if self.pad not in ("fixed", "bucket"):
+            raise ValueError(f"Layout.pad={self.pad!r}: choose fixed or bucket")
 
     @property
     def prompt_budget(self) -> int:
@@ -316,8 +329,49 @@ def train_iterator(
     else:
         it = it.batch(rows_per_batch, batch_fn=_Collate(layout, tok.pad_id))
     if workers > 0:
+        _parse_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it)
+    return _JsonStateIterator(iter(it))
+
+
+def _parse_absl_flags() -> None:
+    """grain's worker processes read absl flags, which no jaxcai entry point parses."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _tuples_restored(state: Any) -> Any:
+    """A state after a JSON round trip, with the tuples grain compares by value restored
+    (concat-then-split marks "no remainder" with the slice tuple `(-1, -1)`)."""
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(v) for f, v in s.items()}
+            if k == "remainder_slices" and isinstance(s, dict)
+            else _tuples_restored(s)
+            for k, s in state.items()
+        }
+    if isinstance(state, list):
+        return [_tuples_restored(v) for v in state]
+    return state
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    """The pipeline's iterator; its state survives the JSON file it is checkpointed in."""
+
+    def __init__(self, inner: grain.DatasetIterator):
+        super().__init__(inner)
+        self._inner = inner
+
+    def __next__(self):
+        return next(self._inner)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._inner.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._inner.set_state(_tuples_restored(state))
 
 
 # ----- random access (evaluation, reference log-probs) --------------------------------
