@@ -41,6 +41,9 @@ COMMON = [
 D2F2T2 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 TIMEOUT = 300  # seconds per subprocess (or pair of processes)
 RTOL = ATOL = 1e-5
+# Each host packs its own examples, so two hosts' packed rows differ from one host's
+# packing of the same examples; unpacked, the two hosts' rows are exactly the reference's.
+UNPACKED = ["data.pack=false"]
 
 
 def overrides(objective: str, *extra: str) -> list[str]:
@@ -201,6 +204,12 @@ def run_root(tmp_path_factory) -> Path:
 def reference(run_root):
     """All objectives, 5 steps each, on one device (started at once, waited for lazily)."""
     jobs = [{"run_dir": str(run_root / "ref" / o), "overrides": overrides(o)} for o in OBJECTIVES]
+    jobs.append(
+        {
+            "run_dir": str(run_root / "ref" / "sft_unpacked"),
+            "overrides": overrides("sft", *UNPACKED),
+        }
+    )
     lazy = Lazy(Launch(jobs, 1, run_root, "reference"))
     yield lazy
     lazy.kill()
@@ -223,7 +232,7 @@ def sharded(run_root):
 def test_sharded_training_equals_single_device(reference, sharded, run_root, objective):
     (ref_records,) = reference.records()
     (records,) = sharded.records()
-    assert [r["device_count"] for r in ref_records] == [1] * len(OBJECTIVES)
+    assert [r["device_count"] for r in ref_records] == [1] * (len(OBJECTIVES) + 1)
     assert [r["device_count"] for r in records] == [8] * len(OBJECTIVES)
     assert_run_equals_reference(
         run_root / "d2f2t2" / objective, run_root / "ref" / objective, objective
@@ -235,6 +244,7 @@ def test_two_processes_equal_single_device(reference, run_root, objective):
     """Two processes with 4 devices each (Gloo over 127.0.0.1) share one run directory."""
     run_dir = run_root / "two_processes" / objective
     distributed = [
+        *UNPACKED,
         "distributed.enabled=true",
         f"distributed.coordinator_address=127.0.0.1:{free_port()}",
         "distributed.num_processes=2",
@@ -269,7 +279,8 @@ def test_two_processes_equal_single_device(reference, run_root, objective):
         for i in range(2)
     ]
     reference.records()
-    assert_run_equals_reference(run_dir, run_root / "ref" / objective, objective)
+    ref = "sft_unpacked" if objective == "sft" else objective
+    assert_run_equals_reference(run_dir, run_root / "ref" / ref, objective)
 
 
 def test_checkpoint_restores_onto_another_mesh(reference, run_root):
