@@ -113,6 +113,34 @@ class Checkpointer:
                 errors.append(message)
         raise NoCheckpointError("; ".join(errors))
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
+        """Only the params of checkpoint `step` (default: the newest), into the shapes and
+        shardings of `abstract_params` (`jax.ShapeDtypeStruct`s with `.sharding`)."""
+        steps = self.steps()
+        if not steps:
+            raise NoCheckpointError(f"no checkpoint in {self.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise NoCheckpointError(f"no checkpoint {step} in {self.directory} (have {steps})")
+        target = {"params": abstract_params}
+        restore_args = jax.tree_util.tree_map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise NoCheckpointError(
+                f"checkpoint {step} in {self.directory}: params unreadable ({e})"
+            ) from e
+        return step, restored["state"]["params"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -28,7 +28,7 @@ def test_sample_smoke_defaults(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Human: How do I keep basil alive" in result.stdout
     assert "Assistant:" in result.stdout
-    assert "M params" in result.stdout
+    assert "M params" in result.stderr
 
 
 def test_sample_rejects_model_smaller_than_tokenizer(tmp_path):

@@ -1,0 +1,79 @@
+"""Load a model from wherever it lives: a Hugging Face directory or a jaxcai run.
+
+    config, params = load_model("runs/sft")             # newest orbax checkpoint of a run
+    config, params = load_model("runs/sft/checkpoints/40")
+    config, params = load_model("hf/llama-3.2-1b", mesh=mesh)   # safetensors
+
+A run directory holds the `config.yaml` the trainer wrote and `checkpoints/`; only the
+params are read (not the optimizer state), straight into their shards on `mesh`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from omegaconf import OmegaConf
+
+from jaxcai import hf, model
+from jaxcai.checkpoint import Checkpointer
+from jaxcai.config import model_config
+from jaxcai.model_config import ModelConfig
+from jaxcai.sharding import DEFAULT_RULES, Rules
+
+__all__ = ["load_model"]
+
+
+def _run_dir(path: Path) -> tuple[Path, int | None]:
+    """(run directory, checkpoint step or None) of a run, `checkpoints/` or step path."""
+    if (path / "config.yaml").is_file():
+        return path, None
+    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
+        return path.parent, None
+    if path.name.isdigit() and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, int(path.name)
+    raise FileNotFoundError(
+        f"{path}: neither a Hugging Face directory (config.json) nor a jaxcai run "
+        "(config.yaml and checkpoints/)"
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    step: int | None = None,
+    progress: bool = False,
+    **numerics: Any,
+) -> tuple[ModelConfig, Any]:
+    """`(ModelConfig, params)` from a Hugging Face directory or a jaxcai run.
+
+    `numerics` override config fields that do not change the weights (`dtype`,
+    `param_dtype`, `attention_impl`, ...). A reward model's run gives reward params."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return hf.load_pretrained(path, mesh=mesh, rules=rules, progress=progress, **numerics)
+    run_dir, path_step = _run_dir(path)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    config = model_config(cfg.model)
+    if numerics:
+        config = config.replace(**numerics)
+    head = "reward" if cfg.objective.name == "rm" else "lm"
+    shapes = model.param_shapes(config, head=head)
+    if mesh is not None:
+        shardings = model.param_shardings(config, mesh, rules, head=head)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    abstract = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        _, params = ckpt.restore_params(abstract, step if step is not None else path_step)
+    finally:
+        ckpt.close()
+    return config, params
