@@ -361,6 +361,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             ckpt.wait()
         finally:
             bar.close()
+            batches.close()
             preempt.restore()
             ckpt.close()
             metrics_out.close()

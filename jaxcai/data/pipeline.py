@@ -373,6 +373,10 @@ class _JsonStateIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._inner.set_state(_tuples_restored(state))
 
+    def close(self) -> None:
+        """Stop grain's worker processes and free their shared memory."""
+        self._inner.close()
+
 
 # ----- random access (evaluation, reference log-probs) --------------------------------
 
