@@ -310,13 +310,17 @@ def generate(
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or num_samples < 1:
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1):
         raise ValueError(
             f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1, num_samples >= 1; got "
             f"{temperature}, {top_k}, {top_p}, {num_samples}"
         )
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to read the text")
+    if batch_size < 1 or stop_check_every < 1:
+        raise ValueError(
+            f"batch_size={batch_size} and stop_check_every={stop_check_every} must be >= 1"
+        )
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     for i, p in enumerate(prompts):
@@ -470,6 +474,8 @@ def score(
     """Summed log-prob of each continuation given its prompt (float32 `[N]`)."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
         if not p or not c:
             raise ValueError(f"pair {i}: the prompt and the continuation need a token each")
