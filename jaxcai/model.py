@@ -43,6 +43,7 @@ __all__ = [
     "forward",
     "forward_with_cache",
     "init_cache",
+    "prefill",
     "init_params",
     "param_count",
     "param_logical_axes",
@@ -128,9 +129,12 @@ class Attention(nn.Module):
         x_BTD: Array,
         positions_BT: Array,
         mask_B1TS: Array,
-        cache: tuple[Array, Array] | None,
-        write_index: Array | None,
+        cache: tuple[Array, Array, Array] | None,
     ):
+        """`cache`, when given, is this layer's read-only (keys, values) of earlier slots
+        `[B, K, S, H]` and their mask `[B, 1, T, S]`; `mask_B1TS` then covers the new
+        tokens among themselves `[B, 1, T, T]`. Returns the output and the new tokens'
+        (keys, values), which the caller writes into the cache."""
         c = self.config
         D, N, K, H, dt = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.jnp_dtype
         wq = _param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"))
@@ -152,29 +156,49 @@ class Attention(nn.Module):
         q = apply_rope(q, positions_BT, inv_freq)
         k = apply_rope(k, positions_BT, inv_freq)
 
-        new_cache = None
-        if cache is not None:
-            k_cache, v_cache = cache
-            start = (0, write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            k = constrain(k, ("batch", "cache_length", "kv_heads", "head_dim"))
-            v = constrain(v, ("batch", "cache_length", "kv_heads", "head_dim"))
-            new_cache = (k, v)
-
-        out = jax.nn.dot_product_attention(
-            q,
-            k.astype(dt),
-            v.astype(dt),
-            mask=mask_B1TS,
-            scale=1.0 / math.sqrt(H),
-            implementation=c.attention_impl,
-        )
+        if cache is None:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask_B1TS, scale=1.0 / math.sqrt(H), implementation=c.attention_impl
+            )
+        else:
+            out = _attend_with_cache(q, k, v, *cache, mask_B1TS, 1.0 / math.sqrt(H))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
         if c.out_bias:
             y = y + _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
-        return constrain(y, ("batch", "length", "embed")), new_cache
+        return constrain(y, ("batch", "length", "embed")), (k, v)
+
+
+def _attend_with_cache(
+    q_BTNH: Array,
+    k_BTKH: Array,
+    v_BTKH: Array,
+    k_old_BKSH: Array,
+    v_old_BKSH: Array,
+    mask_old_B1TS: Array,
+    mask_new_B1TT: Array,
+    scale: float,
+) -> Array:
+    """Attention over earlier cache slots and the new tokens, one softmax across both,
+    without writing the new keys into a copy of the cache first (so a decode step reads
+    the cache once and never copies it)."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    f32, dt = jnp.float32, q.dtype
+    # Products in the compute dtype (accumulated in fp32 by the hardware), softmax in fp32.
+    s_old = jnp.einsum("btkgh,bksh->bkgts", q, k_old_BKSH.astype(dt)).astype(f32)
+    s_new = jnp.einsum("btkgh,bukh->bkgtu", q, k_BTKH).astype(f32)
+    s_old = jnp.where(mask_old_B1TS[:, :, None], s_old * scale, -jnp.inf)
+    s_new = jnp.where(mask_new_B1TT[:, :, None], s_new * scale, -jnp.inf)
+    top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+    denom = p_old.sum(-1) + p_new.sum(-1)  # [B, K, G, T]
+    out = jnp.einsum("bkgts,bksh->btkgh", p_old.astype(dt), v_old_BKSH.astype(dt)).astype(f32)
+    out += jnp.einsum("bkgtu,bukh->btkgh", p_new.astype(dt), v_BTKH).astype(f32)
+    out = out / jnp.maximum(denom, 1e-30).transpose(0, 3, 1, 2)[..., None]
+    return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
 class MLP(nn.Module):
@@ -207,9 +231,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    `return_kv` it also returns the new tokens' (keys, values) for a KV cache."""
 
     config: ModelConfig
+    return_kv: bool = False
 
     @nn.compact
     def __call__(
@@ -218,25 +244,30 @@ class Block(nn.Module):
         cache: tuple[Array, Array] | None,
         positions_BT: Array,
         mask_B1TS: Array,
-        write_index: Array | None,
+        mask_old_B1TS: Array | None,
     ):
-        h, new_cache = Attention(self.config, name="attn")(
+        layer_cache = None if cache is None else (*cache, mask_old_B1TS)
+        h, new_kv = Attention(self.config, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x_BTD),
             positions_BT,
             mask_B1TS,
-            cache,
-            write_index,
+            layer_cache,
         )
         x_BTD = x_BTD + h
         x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
-        return x_BTD, new_cache
+        return x_BTD, (new_kv if self.return_kv else None)
 
 
 class Decoder(nn.Module):
-    """Embedding, `n_layers` blocks, final norm and a head: `lm` logits or `reward` scalars."""
+    """Embedding, `n_layers` blocks, final norm and a head: `lm` logits or `reward` scalars.
+
+    With `return_kv`, also returns every layer's keys and values of the new tokens,
+    `[L, B, T, K, H]` each; `cache` (earlier slots `[L, B, K, S, H]`) and `mask_old_B1TS`
+    let the new tokens attend to a KV cache, `mask_B1TS` then covering the new tokens."""
 
     config: ModelConfig
     head: str = "lm"
+    return_kv: bool = False
 
     @nn.compact
     def __call__(
@@ -245,7 +276,7 @@ class Decoder(nn.Module):
         positions_BT: Array,
         mask_B1TS: Array,
         cache: tuple[Array, Array] | None = None,
-        write_index: Array | None = None,
+        mask_old_B1TS: Array | None = None,
     ):
         c = self.config
         embed_VD = _param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
@@ -264,19 +295,21 @@ class Decoder(nn.Module):
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_cache = stack(c, name="layers")(x, cache, positions_BT, mask_B1TS, write_index)
+            x, new_kv = stack(c, self.return_kv, name="layers")(
+                x, cache, positions_BT, mask_B1TS, mask_old_B1TS
+            )
         else:
             per_layer = []
             for i in range(c.n_layers):
                 layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-                x, layer_new = block(c, name=f"layers_{i}")(
-                    x, layer_cache, positions_BT, mask_B1TS, write_index
+                x, layer_kv = block(c, self.return_kv, name=f"layers_{i}")(
+                    x, layer_cache, positions_BT, mask_B1TS, mask_old_B1TS
                 )
-                per_layer.append(layer_new)
-            new_cache = (
-                None
-                if cache is None
-                else tuple(jnp.stack([layer[j] for layer in per_layer]) for j in range(2))
+                per_layer.append(layer_kv)
+            new_kv = (
+                tuple(jnp.stack([layer[j] for layer in per_layer]) for j in range(2))
+                if self.return_kv
+                else None
             )
         x = RMSNorm(c, name="final_norm")(x)
 
@@ -286,7 +319,7 @@ class Decoder(nn.Module):
             out = jnp.einsum(
                 "btd,d->bt", x, w_D.astype(c.jnp_dtype), preferred_element_type=jnp.float32
             ) + b.astype(jnp.float32)
-            return constrain(out, ("batch", "length")), new_cache
+            return constrain(out, ("batch", "length")), new_kv
         if c.tie_embeddings:
             logits = jnp.einsum(
                 "btd,vd->btv", x, embed_VD.astype(c.jnp_dtype), preferred_element_type=jnp.float32
@@ -296,7 +329,7 @@ class Decoder(nn.Module):
             logits = jnp.einsum(
                 "btd,dv->btv", x, w_DV.astype(c.jnp_dtype), preferred_element_type=jnp.float32
             )
-        return constrain(logits, ("batch", "length", "vocab")), new_cache
+        return constrain(logits, ("batch", "length", "vocab")), new_kv
 
 
 # ----- masks and positions ------------------------------------------------------------
@@ -341,7 +374,8 @@ def _defaults(
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, [L, B, S, K, H]; `index` is the next slot to write."""
+    """Keys and values of every layer, [L, B, K, S, H] (heads before slots, so attention
+    reads each head's keys as one contiguous matrix); `index` is the next slot to write."""
 
     k: Array
     v: Array
@@ -350,7 +384,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def _boxed_params(config: ModelConfig, rng: Array, head: str) -> Params:
@@ -456,7 +490,7 @@ def to_reward_params(config: ModelConfig, lm_params: Params, rng: Array) -> Para
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
-    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
     dtype = config.jnp_dtype if dtype is None else dtype
     return KVCache(
         k=jnp.zeros(shape, dtype),
@@ -464,6 +498,42 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = 
         segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def _write_cache(cache: KVCache, k_LBTKH: Array, v_LBTKH: Array, seg_BT: Array) -> KVCache:
+    """The cache with the new tokens' keys and values written at `cache.index` (in place
+    when the cache is a donated buffer or a loop carry)."""
+    names = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+    start = (0, 0, 0, cache.index, 0)
+    k_LBKTH = k_LBTKH.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)
+    v_LBKTH = v_LBTKH.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
+    k = constrain(jax.lax.dynamic_update_slice(cache.k, k_LBKTH, start), names)
+    v = constrain(jax.lax.dynamic_update_slice(cache.v, v_LBKTH, start), names)
+    seg = jax.lax.dynamic_update_slice(
+        cache.segment_ids, seg_BT.astype(jnp.int32), (0, cache.index)
+    )
+    return KVCache(k=k, v=v, segment_ids=seg, index=cache.index + seg_BT.shape[1])
+
+
+def prefill(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    max_len: int,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> tuple[Array, KVCache]:
+    """Run a batch of prompts into a new cache of `max_len` slots: the same logits as
+    `forward`, plus the cache (the prompts occupy slots `0 ... T - 1`)."""
+    B, T = tokens_BT.shape
+    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+    slots_T = jnp.arange(T, dtype=jnp.int32)
+    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    logits, (k, v) = Decoder(config, "lm", return_kv=True).apply(
+        {"params": params}, tokens_BT, positions_BT, mask
+    )
+    return logits, _write_cache(init_cache(config, B, max_len), k, v, segment_ids_BT)
 
 
 def forward_with_cache(
@@ -475,12 +545,13 @@ def forward_with_cache(
     segment_ids_BT: Array | None = None,
     positions_BT: Array | None = None,
 ) -> tuple[Array, KVCache]:
-    """Run T new tokens against the cache (prefill with T > 1, decode with T = 1).
+    """Run T new tokens against the cache (a prompt chunk with T > 1, decode with T = 1).
 
-    The tokens are written at slots `cache.index ... cache.index + T - 1` and attend to
-    every earlier slot of their own segment. `positions_BT` defaults to the slot index;
-    left-padded prompts should pass positions counted from their first real token.
-    The caller keeps `cache.index + T <= cache.max_len` (past it, writes are clamped).
+    The tokens attend to every earlier slot of their own segment and to each other
+    causally, then are written at slots `cache.index ... cache.index + T - 1`.
+    `positions_BT` defaults to the slot index; left-padded prompts should pass positions
+    counted from their first real token. The caller keeps `cache.index + T <=
+    cache.max_len` (past it, writes are clamped).
     """
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
@@ -488,12 +559,12 @@ def forward_with_cache(
     q_slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
     if positions_BT is None:
         positions_BT = jnp.broadcast_to(q_slots_T, (B, T))
-    kv_seg_BS = jax.lax.dynamic_update_slice(
-        cache.segment_ids, segment_ids_BT.astype(jnp.int32), (0, cache.index)
-    )
+    window = config.sliding_window
+    mask_new = attention_mask(q_slots_T, q_slots_T, segment_ids_BT, segment_ids_BT, window)
     kv_slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
-    mask = attention_mask(q_slots_T, kv_slots_S, segment_ids_BT, kv_seg_BS, config.sliding_window)
-    logits, (k, v) = Decoder(config, "lm").apply(
-        {"params": params}, tokens_BT, positions_BT, mask, (cache.k, cache.v), cache.index
+    mask_old = attention_mask(q_slots_T, kv_slots_S, segment_ids_BT, cache.segment_ids, window)
+    mask_old &= (kv_slots_S < cache.index)[None, None, None, :]  # slots written earlier
+    logits, (k, v) = Decoder(config, "lm", return_kv=True).apply(
+        {"params": params}, tokens_BT, positions_BT, mask_new, (cache.k, cache.v), mask_old
     )
-    return logits, KVCache(k=k, v=v, segment_ids=kv_seg_BS, index=cache.index + T)
+    return logits, _write_cache(cache, k, v, segment_ids_BT)

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcai.losses import sequence_logps
-from jaxcai.model import KVCache, ModelConfig, Params, forward, forward_with_cache, init_cache
+from jaxcai.model import KVCache, ModelConfig, Params, forward, forward_with_cache, prefill
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding, use_mesh
 
 __all__ = [
@@ -167,10 +167,14 @@ def _prefill(
     """Run the prompts, pick each row's first token. Rows with `live_B` false (batch
     filler) start stopped, so they never keep the decode loop going."""
     B, P = tokens_BP.shape
-    cache = init_cache(config, B, P + max_new_tokens)
     positions_BP = jnp.maximum(jnp.cumsum(segments_BP, axis=1) - 1, 0)
-    logits, cache = forward_with_cache(
-        config, params, tokens_BP, cache, segment_ids_BT=segments_BP, positions_BT=positions_BP
+    logits, cache = prefill(
+        config,
+        params,
+        tokens_BP,
+        P + max_new_tokens,
+        segment_ids_BT=segments_BP,
+        positions_BT=positions_BP,
     )
     state = _State(
         step=jnp.zeros((), jnp.int32),

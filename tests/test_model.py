@@ -57,6 +57,20 @@ def test_kv_cache_decode_equals_full_forward(name):
     np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_then_chunks_equal_full_forward(name):
+    """`prefill` fills a fresh cache; later chunks of several tokens attend to it."""
+    config = CONFIGS[name]
+    params = _params(config)
+    tokens = _tokens((2, 12), seed=1)
+    full = forward(config, params, tokens)
+    logits, cache = jax.jit(M.prefill, static_argnums=(0, 3))(config, params, tokens[:, :4], 16)
+    assert int(cache.index) == 4 and cache.max_len == 16
+    chunk, cache = forward_with_cache(config, params, tokens[:, 4:9], cache)
+    step, cache = forward_with_cache(config, params, tokens[:, 9:12], cache)
+    np.testing.assert_allclose(np.concatenate([logits, chunk, step], 1), full, atol=1e-5, rtol=0)
+
+
 def test_left_padded_decode_equals_unpadded_forward():
     config = CONFIGS["untied_biases"]
     params = _params(config)
@@ -204,5 +218,5 @@ def _final_hidden(config, params, tokens):
 def test_init_cache_shapes():
     config = ModelConfig.tiny()
     cache = M.init_cache(config, batch_size=3, max_len=20)
-    assert cache.k.shape == (2, 3, 20, 2, 16) and cache.max_len == 20
+    assert cache.k.shape == (2, 3, 2, 20, 16) and cache.max_len == 20  # [L, B, K, S, H]
     assert int(cache.index) == 0 and cache.segment_ids.shape == (3, 20)
