@@ -44,6 +44,7 @@ __all__ = [
     "forward_with_cache",
     "init_cache",
     "prefill",
+    "unrolled",
     "init_params",
     "param_count",
     "param_logical_axes",
@@ -374,8 +375,10 @@ def _defaults(
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, [L, B, K, S, H] (heads before slots, so attention
-    reads each head's keys as one contiguous matrix); `index` is the next slot to write."""
+    """Keys and values of every layer: `[L, B, K, S, H]` arrays with `scan_layers`, else
+    tuples of L `[B, K, S, H]` arrays (each layer its own buffer, which decoding reads
+    without slicing). Heads come before slots, so attention reads each head's keys as one
+    contiguous matrix. `index` is the next slot to write."""
 
     k: Array
     v: Array
@@ -384,7 +387,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-2]
 
 
 def _boxed_params(config: ModelConfig, rng: Array, head: str) -> Params:
@@ -488,13 +491,43 @@ def to_reward_params(config: ModelConfig, lm_params: Params, rng: Array) -> Para
     return params
 
 
+def unrolled(
+    config: ModelConfig,
+    params: Params,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> tuple[ModelConfig, Params]:
+    """The same model with one params subtree per layer (`scan_layers=False`): the layout
+    decoding runs fastest in, since a scanned decoder slices (copies) every layer's
+    weights out of the stacked arrays at every step. Placed on `mesh` when given."""
+    if not config.scan_layers:
+        return config, params
+    new = config.replace(scan_layers=False)
+    head = "reward" if "reward_kernel" in params else "lm"
+
+    def convert(p):
+        out = {k: v for k, v in p.items() if k != "layers"}
+        for i in range(config.n_layers):
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], p["layers"])
+        return out
+
+    shardings = None if mesh is None else param_shardings(new, mesh, rules, head=head)
+    return new, jax.jit(convert, out_shardings=shardings)(params)
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
-    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
     dtype = config.jnp_dtype if dtype is None else dtype
+    if config.scan_layers:
+        k = jnp.zeros((config.n_layers, *shape), dtype)
+        v = jnp.zeros((config.n_layers, *shape), dtype)
+    else:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=k,
+        v=v,
         segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -504,11 +537,25 @@ def _write_cache(cache: KVCache, k_LBTKH: Array, v_LBTKH: Array, seg_BT: Array) 
     """The cache with the new tokens' keys and values written at `cache.index` (in place
     when the cache is a donated buffer or a loop carry)."""
     names = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
-    start = (0, 0, 0, cache.index, 0)
-    k_LBKTH = k_LBTKH.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)
-    v_LBKTH = v_LBTKH.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
-    k = constrain(jax.lax.dynamic_update_slice(cache.k, k_LBKTH, start), names)
-    v = constrain(jax.lax.dynamic_update_slice(cache.v, v_LBKTH, start), names)
+
+    def write(old, new_LBTKH):
+        new_LBKTH = new_LBTKH.transpose(0, 1, 3, 2, 4)
+        if isinstance(old, tuple):
+            return tuple(
+                constrain(
+                    jax.lax.dynamic_update_slice(
+                        layer, new_LBKTH[i].astype(layer.dtype), (0, 0, cache.index, 0)
+                    ),
+                    names[1:],
+                )
+                for i, layer in enumerate(old)
+            )
+        start = (0, 0, 0, cache.index, 0)
+        return constrain(
+            jax.lax.dynamic_update_slice(old, new_LBKTH.astype(old.dtype), start), names
+        )
+
+    k, v = write(cache.k, k_LBTKH), write(cache.v, v_LBTKH)
     seg = jax.lax.dynamic_update_slice(
         cache.segment_ids, seg_BT.astype(jnp.int32), (0, cache.index)
     )

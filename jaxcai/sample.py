@@ -34,7 +34,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcai.losses import sequence_logps
-from jaxcai.model import KVCache, ModelConfig, Params, forward, forward_with_cache, prefill
+from jaxcai.model import (
+    KVCache,
+    ModelConfig,
+    Params,
+    forward,
+    forward_with_cache,
+    prefill,
+    unrolled,
+)
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding, use_mesh
 
 __all__ = [
@@ -335,6 +343,7 @@ def generate(
                 f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed the "
                 f"model's max_seq_len={config.max_seq_len}"
             )
+    config, params = unrolled(config, params, mesh, rules)  # no per-step weight slicing
     base = jax.random.key(seed)
     items = []  # (prompt index, sample index, raw key)
     for i in range(len(prompts)):

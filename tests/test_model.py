@@ -220,3 +220,17 @@ def test_init_cache_shapes():
     cache = M.init_cache(config, batch_size=3, max_len=20)
     assert cache.k.shape == (2, 3, 2, 20, 16) and cache.max_len == 20  # [L, B, K, S, H]
     assert int(cache.index) == 0 and cache.segment_ids.shape == (3, 20)
+
+
+def test_unrolled_params_give_the_same_model():
+    """`unrolled` splits stacked layers into one subtree per layer (the decoding layout)."""
+    config = CONFIGS["untied_biases"]
+    params = _params(config)
+    config2, params2 = M.unrolled(config, params)
+    assert not config2.scan_layers and "layers" not in params2
+    assert sorted(k for k in params2 if k.startswith("layers_")) == ["layers_0", "layers_1"]
+    tokens = _tokens((2, 9), seed=3)
+    np.testing.assert_allclose(
+        forward(config2, params2, tokens), forward(config, params, tokens), atol=1e-5, rtol=0
+    )
+    assert M.unrolled(config2, params2)[1] is params2  # already unrolled: unchanged
