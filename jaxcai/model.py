@@ -23,6 +23,7 @@ only to earlier tokens of its own segment, so packed sequences never mix.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 from typing import Any
@@ -504,15 +505,21 @@ def unrolled(
         return config, params
     new = config.replace(scan_layers=False)
     head = "reward" if "reward_kernel" in params else "lm"
+    return new, _unroll_fn(new, mesh, tuple(rules), head)(params)
+
+
+@functools.lru_cache(maxsize=16)
+def _unroll_fn(new: ModelConfig, mesh, rules: Rules, head: str):
+    """A jitted stacked -> per-layer conversion (cached: built and compiled once)."""
 
     def convert(p):
         out = {k: v for k, v in p.items() if k != "layers"}
-        for i in range(config.n_layers):
+        for i in range(new.n_layers):
             out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], p["layers"])
         return out
 
     shardings = None if mesh is None else param_shardings(new, mesh, rules, head=head)
-    return new, jax.jit(convert, out_shardings=shardings)(params)
+    return jax.jit(convert, out_shardings=shardings)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
