@@ -171,6 +171,25 @@ class ModelConfig:
         )
 
     @classmethod
+    def bench_ref(cls, **overrides: Any) -> ModelConfig:
+        """The benchmarks' fixed reference workload: Llama architecture, vocab 8192, hidden
+        512, 8 layers, 8 heads / 4 KV heads, MLP 1408, float32 (32.0M parameters)."""
+        return cls(
+            **{
+                "vocab_size": 8192,
+                "d_model": 512,
+                "n_layers": 8,
+                "n_heads": 8,
+                "n_kv_heads": 4,
+                "d_ff": 1408,
+                "max_seq_len": 2048,
+                "rope_theta": 10_000.0,
+                "tie_embeddings": False,
+                **overrides,
+            }
+        )
+
+    @classmethod
     def llama3_2_1b(cls, **overrides: Any) -> ModelConfig:
         return cls(
             **{
@@ -273,6 +292,7 @@ class ModelConfig:
 PRESETS = {
     "tiny": ModelConfig.tiny,
     "small": ModelConfig.small,
+    "bench_ref": ModelConfig.bench_ref,
     "llama3.2-1b": ModelConfig.llama3_2_1b,
     "llama3.1-8b": ModelConfig.llama3_1_8b,
     "qwen2.5-0.5b": ModelConfig.qwen2_5_0_5b,
