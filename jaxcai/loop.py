@@ -121,7 +121,10 @@ def _reference(
     for split in ("train", "eval"):
         rows = data.rows(split)
         keys = [f"{split}/ref_chosen_logps", f"{split}/ref_rejected_logps"]
-        if not all(k in stored and len(stored[k]) == len(rows) for k in keys):
+        fingerprint = getattr(data, split).fingerprint  # the same records, in the same order
+        if str(stored.get(f"{split}/fingerprint", "")) != fingerprint or not all(
+            k in stored and len(stored[k]) == len(rows) for k in keys
+        ):
             parts = []
             for idx in tqdm(
                 list(eval_index_batches(len(rows), batch_size)),
@@ -133,6 +136,7 @@ def _reference(
                 parts.append({k: np.asarray(v)[idx >= 0] for k, v in logps.items()})
             for k in ("ref_chosen_logps", "ref_rejected_logps"):
                 stored[f"{split}/{k}"] = np.concatenate([p[k] for p in parts])
+            stored[f"{split}/fingerprint"] = np.asarray(fingerprint)
         out[split] = {
             k: stored[f"{split}/{k}"].astype(np.float32)
             for k in ("ref_chosen_logps", "ref_rejected_logps")

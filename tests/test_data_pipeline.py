@@ -829,3 +829,13 @@ def test_worker_processes_work_without_absl_flags(tok, sft_source):
             close(it)
     expected = next(train_iterator(sft_source, tok, layout, rows_per_batch=4, seed=2))
     assert trees_equal(got, expected)
+
+
+def test_indexed_source_fingerprint_names_the_records():
+    """DPO's cached reference log-probs are keyed by this: same records, same key."""
+    src = list(range(10))
+    a = IndexedSource(src, np.array([1, 2, 3]), "data/x:train")
+    assert a.fingerprint == IndexedSource(src, np.array([1, 2, 3]), "data/x:train").fingerprint
+    assert a.fingerprint != IndexedSource(src, np.array([1, 2, 4]), "data/x:train").fingerprint
+    assert a.fingerprint != IndexedSource(src, np.array([1, 2, 3]), "data/y:train").fingerprint
+    assert IndexedSource(src).fingerprint != IndexedSource(src[:9]).fingerprint

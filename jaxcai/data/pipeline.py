@@ -36,6 +36,7 @@ reads only its own examples, disjoint from the others'. The iterator's state
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,9 +261,18 @@ class IndexedSource:
     """A random-access view of a data source (optionally a subset of its indices) whose
     records carry `index`, their position in the view."""
 
-    def __init__(self, source, indices: np.ndarray | None = None):
+    def __init__(self, source, indices: np.ndarray | None = None, origin: str = ""):
         self.source = source
         self.indices = None if indices is None else np.asarray(indices, np.int64)
+        self.origin = origin  # where the records come from (dataset path and split)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the records of this view (origin, size and subset indices)."""
+        h = hashlib.sha256(f"{self.origin}|{len(self.source)}".encode())
+        if self.indices is not None:
+            h.update(self.indices.tobytes())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.source) if self.indices is None else len(self.indices)
@@ -272,7 +282,7 @@ class IndexedSource:
         return {**self.source[j], "index": int(i)}
 
     def __repr__(self) -> str:
-        return f"IndexedSource({self.source!r}, {len(self)} records)"
+        return f"IndexedSource({self.origin or self.source!r}, {len(self)} records)"
 
 
 class _Encode:

@@ -128,7 +128,7 @@ def _length_check(
     if len(keep) == len(source):
         return source
     base = source.indices if source.indices is not None else np.arange(len(source))
-    return IndexedSource(source.source, base[np.asarray(keep)])
+    return IndexedSource(source.source, base[np.asarray(keep)], source.origin)
 
 
 def training_data(cfg: Any, objective: str, tok: Tokenizer, seed: int) -> TrainData:
@@ -145,12 +145,13 @@ def training_data(cfg: Any, objective: str, tok: Tokenizer, seed: int) -> TrainD
     )
     opts = {"fmt": cfg.get("format", "jsonl"), "skip_invalid": cfg.skip_invalid}
     train_ds = open_dataset(cfg.train, kind, key="data.train", **opts)
-    train = IndexedSource(train_ds.source("train"))
+    train = IndexedSource(train_ds.source("train"), origin=f"{train_ds.path}:train")
     if cfg.eval:
         eval_ds = open_dataset(cfg.eval, kind, key="data.eval", **opts)
-        evaluation = IndexedSource(eval_ds.source("eval" if "eval" in eval_ds.splits else "train"))
+        split = "eval" if "eval" in eval_ds.splits else "train"
+        evaluation = IndexedSource(eval_ds.source(split), origin=f"{eval_ds.path}:{split}")
     elif "eval" in train_ds.splits:
-        evaluation = IndexedSource(train_ds.source("eval"))
+        evaluation = IndexedSource(train_ds.source("eval"), origin=f"{train_ds.path}:eval")
     else:
         n = len(train)
         n_eval = max(1, int(round(n * cfg.eval_fraction)))
@@ -160,8 +161,8 @@ def training_data(cfg: Any, objective: str, tok: Tokenizer, seed: int) -> TrainD
                 f"data.eval_fraction={cfg.eval_fraction}"
             )
         order = np.random.default_rng(seed).permutation(n)
-        evaluation = IndexedSource(train.source, np.sort(order[:n_eval]))
-        train = IndexedSource(train.source, np.sort(order[n_eval:]))
+        evaluation = IndexedSource(train.source, np.sort(order[:n_eval]), train.origin)
+        train = IndexedSource(train.source, np.sort(order[n_eval:]), train.origin)
     skipped: collections.Counter = collections.Counter()
     if not layout.truncate and kind != "text":
         train = _length_check(train, tok, layout, cfg.skip_invalid, skipped)
