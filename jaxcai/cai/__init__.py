@@ -1,0 +1,1 @@
+"""The Constitutional AI pipeline: constitution, critique -> revision, AI feedback, stages."""
