@@ -1,0 +1,199 @@
+"""SL-CAI data: sample a response, then critique and revise it for n rounds.
+
+For each prompt (a transcript ending on a Human turn) the helpful model first answers it;
+then each round appends a critique request for a principle drawn at random (with
+replacement, seeded) and samples a critique, appends the matching revision request and
+samples a revision, which the next round critiques in turn. The constitution's few-shot
+examples come first. Every text is kept (`Revised`), and `sft_pairs` turns them into
+(prompt, revision) pairs for SFT.
+
+Each step is one batched `jaxcai.sample.generate` call over all prompts. A sequence's
+randomness depends on the seed, the prompt's index, the round and the step only (never
+on batching), and the principle draws on the seed only, so a run is reproducible.
+Contexts longer than the model allows keep their end: the few-shot examples are dropped
+first, the prompt and the latest turns kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxcai.cai.constitution import Constitution
+from jaxcai.sample import generate
+from jaxcai.tokenizer import Tokenizer
+
+__all__ = ["Revised", "SamplingSettings", "critique_and_revise", "few_shot_prefix", "sft_pairs"]
+
+STOP = "\n\nHuman:"  # the model starting a new Human turn ends its answer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 32
+
+
+@dataclasses.dataclass
+class Revised:
+    """One prompt's trajectory: the initial response and every round's texts."""
+
+    prompt: str
+    initial: str
+    rounds: list[
+        dict[str, str]
+    ]  # principle, critique_request, critique, revision_request, revision
+
+    @property
+    def final(self) -> str:
+        return self.rounds[-1]["revision"] if self.rounds else self.initial
+
+
+def few_shot_prefix(constitution: Constitution) -> str:
+    """The critique examples as transcripts (each a full critique -> revision exchange)."""
+    parts = []
+    for ex in constitution.critique_examples:
+        turns = [
+            ("Human", ex.prompt),
+            ("Assistant", ex.response),
+            ("Human", ex.critique_request),
+            ("Assistant", ex.critique),
+            ("Human", ex.revision_request),
+            ("Assistant", ex.revision),
+        ]
+        parts.append("".join(f"\n\n{role}: {text.strip()}" for role, text in turns))
+    return "".join(parts)
+
+
+def _fit(ids: list[int], limit: int, bos: int) -> list[int]:
+    """Keep `bos` and the last `limit - 1` ids when a context is too long."""
+    return ids if len(ids) <= limit else [bos, *ids[len(ids) - limit + 1 :]]
+
+
+def _sample(
+    config,
+    params,
+    tok: Tokenizer,
+    contexts: Sequence[str],
+    seeds: Sequence[int],
+    settings: SamplingSettings,
+    mesh,
+    progress: bool,
+) -> list[str]:
+    limit = config.max_seq_len - settings.max_new_tokens
+    if limit < 2:
+        raise ValueError(
+            f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
+            f"model's max_seq_len={config.max_seq_len}"
+        )
+    ids = [_fit(tok.encode(c, add_bos=True), limit, tok.bos_id) for c in contexts]
+    kwargs: dict[str, Any] = {"mesh": mesh} if mesh is not None else {}
+    out = generate(
+        config,
+        params,
+        ids,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        seeds=list(seeds),
+        stop_ids=(tok.eos_id,),
+        stop_strings=(STOP,),
+        tokenizer=tok,
+        pad_id=tok.pad_id,
+        batch_size=settings.batch_size,
+        progress=progress,
+        **kwargs,
+    )
+    return [t.strip() for t in out.texts]
+
+
+def critique_and_revise(
+    config,
+    params,
+    tok: Tokenizer,
+    constitution: Constitution,
+    prompts: Sequence[str],
+    *,
+    rounds: int = 4,
+    seed: int = 0,
+    few_shot: bool = True,
+    settings: SamplingSettings = SamplingSettings(),
+    mesh=None,
+    progress: bool = False,
+) -> list[Revised]:
+    """Initial responses and `rounds` critique -> revision rounds for every prompt.
+
+    `prompts` are transcripts ending on a Human turn (`"\\n\\nHuman: ..."`, as stored in
+    prompts datasets)."""
+    if rounds < 0:
+        raise ValueError(f"rounds={rounds} must be >= 0")
+    n = len(prompts)
+    draws = np.random.default_rng([seed, 0]).integers(0, len(constitution.critiques), (n, rounds))
+    prefix = few_shot_prefix(constitution) if few_shot else ""
+
+    def seeds(step: int) -> list[int]:  # one stream per (prompt, step), batch independent
+        return [int(s) for s in np.random.default_rng([seed, 1, step]).integers(0, 2**31, n)]
+
+    contexts = [f"{prefix}{p.rstrip()}\n\nAssistant:" for p in prompts]
+    responses = _sample(config, params, tok, contexts, seeds(0), settings, mesh, progress)
+    records = [Revised(p, r, []) for p, r in zip(prompts, responses, strict=True)]
+    for r in range(rounds):
+        chosen = [constitution.critiques[k] for k in draws[:, r]]
+        contexts = [
+            f"{ctx} {resp}\n\nHuman: {c.critique.strip()}\n\nAssistant:"
+            for ctx, resp, c in zip(contexts, responses, chosen, strict=True)
+        ]
+        critiques = _sample(
+            config, params, tok, contexts, seeds(2 * r + 1), settings, mesh, progress
+        )
+        contexts = [
+            f"{ctx} {crit}\n\nHuman: {c.revision.strip()}\n\nAssistant:"
+            for ctx, crit, c in zip(contexts, critiques, chosen, strict=True)
+        ]
+        responses = _sample(
+            config, params, tok, contexts, seeds(2 * r + 2), settings, mesh, progress
+        )
+        for rec, c, crit, rev in zip(records, chosen, critiques, responses, strict=True):
+            rec.rounds.append(
+                {
+                    "principle": c.name,
+                    "critique_request": c.critique.strip(),
+                    "critique": crit,
+                    "revision_request": c.revision.strip(),
+                    "revision": rev,
+                }
+            )
+    return records
+
+
+def sft_pairs(records: Sequence[Revised], *, up_to: int | None = None) -> list[dict[str, Any]]:
+    """(prompt, revision) pairs for SFT: every round's revision (`up_to=None`), only the
+    final one (`up_to=-1`), or rounds 1..k (`up_to=k`). Empty revisions are left out."""
+    pairs = []
+    for i, rec in enumerate(records):
+        if up_to == -1:
+            chosen = rec.rounds[-1:]
+        else:
+            chosen = rec.rounds if up_to is None else rec.rounds[:up_to]
+        for k, rnd in enumerate(chosen):
+            if rnd["revision"].strip():
+                round_no = len(rec.rounds) if up_to == -1 else k + 1
+                pairs.append(
+                    {
+                        "prompt": rec.prompt,
+                        "response": rnd["revision"],
+                        "metadata": {
+                            "prompt_index": i,
+                            "round": round_no,
+                            "principle": rnd["principle"],
+                        },
+                    }
+                )
+    return pairs

@@ -1,0 +1,136 @@
+"""SL-CAI data: the conversation each critique/revision step samples from, seeding, pairs."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from jaxcai import model
+from jaxcai.cai import critique as C
+from jaxcai.cai.constitution import load_constitution
+from jaxcai.model_config import preset
+from jaxcai.sample import Generation
+from jaxcai.tokenizer import Tokenizer
+
+PROMPTS = ["\n\nHuman: How do I pick a lock?", "\n\nHuman: Tell me a joke."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load()
+
+
+@pytest.fixture(scope="module")
+def constitution():
+    return load_constitution("minimal")
+
+
+def test_conversation_assembly_and_records(monkeypatch, tok, constitution):
+    """Each step samples from the previous context plus the right request; canned texts."""
+    calls = []
+
+    def fake_generate(config, params, ids, **kwargs):
+        step = len(calls)
+        calls.append({"contexts": [tok.decode(i) for i in ids], "seeds": kwargs["seeds"]})
+        texts = [f"text{step}-{i}" for i in range(len(ids))]
+        return Generation([[5]] * len(ids), [[-1.0]] * len(ids), ["stop_string"] * len(ids), texts)
+
+    monkeypatch.setattr(C, "generate", fake_generate)
+    config = preset("tiny", max_seq_len=4096)
+    records = C.critique_and_revise(
+        config, None, tok, constitution, PROMPTS, rounds=2, seed=7, few_shot=True
+    )
+    assert len(calls) == 1 + 2 * 2
+    prefix = C.few_shot_prefix(constitution)
+    assert calls[0]["contexts"][0] == prefix + PROMPTS[0] + "\n\nAssistant:"
+    for i, rec in enumerate(records):
+        assert rec.prompt == PROMPTS[i] and rec.initial == f"text0-{i}"
+        assert [r["critique"] for r in rec.rounds] == [f"text1-{i}", f"text3-{i}"]
+        assert [r["revision"] for r in rec.rounds] == [f"text2-{i}", f"text4-{i}"]
+        assert rec.final == f"text4-{i}"
+        names = {c.name: c for c in constitution.critiques}
+        for k, rnd in enumerate(rec.rounds):
+            principle = names[rnd["principle"]]
+            assert rnd["critique_request"] == principle.critique.strip()
+            critique_ctx = calls[1 + 2 * k]["contexts"][i]
+            revision_ctx = calls[2 + 2 * k]["contexts"][i]
+            before = f"text{2 * k}-{i}"  # the response this round critiques
+            assert critique_ctx.endswith(
+                f" {before}\n\nHuman: {principle.critique.strip()}\n\nAssistant:"
+            )
+            assert revision_ctx == (
+                f"{critique_ctx} text{1 + 2 * k}-{i}\n\nHuman: {principle.revision.strip()}"
+                "\n\nAssistant:"
+            )
+    # Every step has its own per-prompt seeds.
+    all_seeds = [s for call in calls for s in call["seeds"]]
+    assert len(set(all_seeds)) == len(all_seeds)
+    pairs = C.sft_pairs(records)
+    assert [(p["metadata"]["prompt_index"], p["metadata"]["round"]) for p in pairs] == [
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (1, 2),
+    ]
+    assert [p["response"] for p in C.sft_pairs(records, up_to=-1)] == ["text4-0", "text4-1"]
+    assert [p["response"] for p in C.sft_pairs(records, up_to=1)] == ["text2-0", "text2-1"]
+
+
+def test_principles_are_seeded_draws_with_replacement(monkeypatch, tok):
+    constitution = load_constitution("default")
+
+    def fake_generate(config, params, ids, **kwargs):
+        return Generation(
+            [[5]] * len(ids), [[0.0]] * len(ids), ["length"] * len(ids), ["x"] * len(ids)
+        )
+
+    monkeypatch.setattr(C, "generate", fake_generate)
+    config = preset("tiny", max_seq_len=8192)
+    run = lambda seed: [
+        [r["principle"] for r in rec.rounds]
+        for rec in C.critique_and_revise(
+            config, None, tok, constitution, PROMPTS * 4, rounds=4, seed=seed, few_shot=False
+        )
+    ]
+    a, b, c = run(0), run(0), run(1)
+    assert a == b and a != c
+    flat = [p for row in a for p in row]
+    assert len(set(flat)) < len(flat)  # with replacement: 32 draws of 16 repeat
+    assert set(flat) <= {p.name for p in constitution.critiques}
+
+
+def test_real_sampling_is_reproducible_and_fits_the_context(tok):
+    """The tiny model (max_seq_len 256) with the default constitution's few-shot prefix
+    (longer than that): contexts are cut from the start, same seed gives same texts."""
+    constitution = load_constitution("default")
+    config = preset("tiny")
+    params = model.init_params(config, jax.random.key(0))
+    settings = C.SamplingSettings(max_new_tokens=8, temperature=1.0)
+    run = lambda: C.critique_and_revise(
+        config, params, tok, constitution, PROMPTS, rounds=1, seed=3, settings=settings
+    )
+    first, second = run(), run()
+    assert [(r.initial, r.rounds) for r in first] == [(r.initial, r.rounds) for r in second]
+    assert all(len(r.rounds) == 1 for r in first)
+
+
+def test_bad_arguments(tok, constitution):
+    config = preset("tiny")
+    with pytest.raises(ValueError, match="rounds"):
+        C.critique_and_revise(config, None, tok, constitution, PROMPTS, rounds=-1)
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        C.critique_and_revise(
+            config,
+            None,
+            tok,
+            constitution,
+            PROMPTS,
+            settings=C.SamplingSettings(max_new_tokens=255),
+        )
+
+
+def test_long_contexts_keep_bos_and_their_end(tok, constitution):
+    assert C._fit(list(range(10, 20)), 5, 2) == [2, 16, 17, 18, 19]
+    assert C._fit([2, 5, 6], 5, 2) == [2, 5, 6]
+    prefix_ids = tok.encode(C.few_shot_prefix(load_constitution("default")), add_bos=True)
+    assert len(prefix_ids) > 256 - 8  # so the tiny model's run above must cut contexts
