@@ -154,7 +154,7 @@ def _local_tokens(local: dict[str, Any]) -> int:
 
 
 def _agree_length(local: dict[str, Any], pad_id: int) -> dict[str, Any]:
-    """With bucketed padding on several hosts, pad every host's rows to the longest."""
+    """Pad every host's rows to the longest host's (rows of varying, bucketed length)."""
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils
@@ -283,7 +283,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         jeval = jax.jit(make_eval_step(mc, cfg.objective), out_shardings=replicated)
 
         def next_batch() -> tuple[dict[str, Any], int]:
-            local = _agree_length(next(batches), tok.pad_id)
+            local = next(batches)
+            if not data.layout.fixed_width:  # bucketed rows: hosts agree on one length
+                local = _agree_length(local, tok.pad_id)
             tokens = _local_tokens(local) * shard_count
             return from_local_rows(local, t.batch_size, t.grad_accum, mesh, rules), tokens
 

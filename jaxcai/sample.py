@@ -22,6 +22,7 @@ normalised probabilities over a set of options (the AI-feedback labeller's primi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from functools import partial
@@ -256,6 +257,15 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _padded_batch(n: int, shards: int) -> int:
+    """Rows to run `n` sequences in: a power of two, divisible by the batch shards."""
+    return -(-max(_bucket(n), shards) // shards) * shards
+
+
+def _mesh_context(mesh, rules: Rules):
+    return use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext()
+
+
 def _batch_shards(mesh, rules: Rules) -> int:
     if mesh is None:
         return 1
@@ -365,8 +375,7 @@ def generate(
     batches = list(_batches(order, batch_size))
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         rows = [list(prompts[items[n][0]]) for n in batch]
-        B = max(_bucket(len(rows)), shards)
-        B = -(-B // shards) * shards
+        B = _padded_batch(len(rows), shards)
         P = min(
             _bucket(max(map(len, rows)), MIN_PROMPT_BUCKET), config.max_seq_len - max_new_tokens
         )
@@ -375,7 +384,7 @@ def generate(
         tokens = np.pad(tokens, ((0, 0), (P - tokens.shape[1], 0)), constant_values=pad_id)
         segments = np.pad(segments, ((0, 0), (P - segments.shape[1], 0)))
         keys = np.stack([items[n][2] for n in batch] + [items[batch[0]][2]] * (B - len(batch)))
-        with use_mesh(mesh, rules) if mesh is not None else _nullcontext():
+        with _mesh_context(mesh, rules):
             state = _prefill(
                 config,
                 params,
@@ -439,14 +448,6 @@ def _first_stop(ids: list[int], stop_ids: Sequence[int]) -> int:
     return next((k for k, t in enumerate(ids) if t in stops), len(ids))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def greedy_generate(
     config: ModelConfig,
     params: Params,
@@ -499,7 +500,7 @@ def score(
     shards = _batch_shards(mesh, rules)
     batches = list(_batches(order, batch_size))
     for batch in tqdm(batches, desc="score", unit="batch", disable=not progress):
-        B = -(-max(_bucket(len(batch)), shards) // shards) * shards
+        B = _padded_batch(len(batch), shards)
         longest = max(len(prompts[i]) + len(continuations[i]) - 1 for i in batch)
         T = min(_bucket(longest, MIN_PROMPT_BUCKET), max(config.max_seq_len, longest))
         arrays = {k: np.zeros((B, T), np.int32) for k in ("tokens", "targets", "mask", "segments")}
@@ -512,7 +513,7 @@ def score(
             arrays["mask"][r, len(prompts[i]) - 1 : n] = 1
             arrays["segments"][r, :n] = 1
         arrays["segments"][len(batch) :, 0] = 1  # filler rows hold one (unscored) token
-        with use_mesh(mesh, rules) if mesh is not None else _nullcontext():
+        with _mesh_context(mesh, rules):
             placed = {k: _place(v, ("batch", "length"), mesh, rules) for k, v in arrays.items()}
             logps = np.asarray(
                 _score(

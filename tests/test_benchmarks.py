@@ -11,16 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_forward_benchmark_reports_throughput(tmp_path):
+def run_benchmark(tmp_path: Path, *command: str) -> dict:
+    """Run a benchmark on CPU; its last stdout line, parsed as JSON."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/forward.py",
-            "steps=1",
-            "warmup=1",
-            "seq_len=16",
-            f"hydra.run.dir={tmp_path}",
-        ],
+        [sys.executable, *command, f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
@@ -28,34 +22,47 @@ def test_forward_benchmark_reports_throughput(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_forward_benchmark_reports_throughput(tmp_path):
+    result = run_benchmark(tmp_path, "benchmarks/forward.py", "steps=1", "warmup=1", "seq_len=16")
     assert result["model"] == "tiny" and result["seq_len"] == 16
     assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0
 
 
 def test_input_pipeline_benchmark_reports_throughput(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/input_pipeline.py",
-            "model=tiny",
-            "repeat=1",
-            "max_len=64",
-            "batches=5",
-            "warmup=1",
-            "train_steps=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_benchmark(
+        tmp_path,
+        "benchmarks/input_pipeline.py",
+        "model=tiny",
+        "repeat=1",
+        "max_len=64",
+        "batches=5",
+        "warmup=1",
+        "train_steps=1",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kind"] == "sft" and result["max_len"] == 64 and result["model"] == "tiny"
     assert result["tokens_per_s"] > 0 and result["examples_per_s"] > 0
     assert result["train_tokens_per_s"] > 0 and result["headroom"] > 0
     assert 0 <= result["padding_fraction"] < 1
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+def test_generate_benchmark_reports_throughput(tmp_path):
+    result = run_benchmark(
+        tmp_path,
+        "-m",
+        "benchmarks.generate",
+        "model=tiny",
+        "batch_sizes=[1,2]",
+        "headline_batch=2",
+        "prompt_len=8",
+        "new_tokens=4",
+        "repeats=1",
+    )
+    assert result["model"] == "tiny" and [r["batch"] for r in result["results"]] == [1, 2]
+    assert all(r["new_tokens_per_s"] > 0 for r in result["results"])
+    assert result["new_tokens_per_s"] == result["results"][1]["new_tokens_per_s"]
+    assert result["ratio_vs_transformers"] > 0 and result["peak_rss_mb"] > 0
     assert json.loads((tmp_path / "result.json").read_text()) == result

@@ -21,11 +21,17 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def params():
+    """Tiny-model params (their shapes do not depend on max_seq_len)."""
+    return model.init_params(preset("tiny"), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
 def constitution():
     return load_constitution("minimal")
 
 
-def test_conversation_assembly_and_records(monkeypatch, tok, constitution):
+def test_conversation_assembly_and_records(monkeypatch, tok, constitution, params):
     """Each step samples from the previous context plus the right request; canned texts."""
     calls = []
 
@@ -38,7 +44,7 @@ def test_conversation_assembly_and_records(monkeypatch, tok, constitution):
     monkeypatch.setattr(C, "generate", fake_generate)
     config = preset("tiny", max_seq_len=4096)
     records = C.critique_and_revise(
-        config, None, tok, constitution, PROMPTS, rounds=2, seed=7, few_shot=True
+        config, params, tok, constitution, PROMPTS, rounds=2, seed=7, few_shot=True
     )
     assert len(calls) == 1 + 2 * 2
     prefix = C.few_shot_prefix(constitution)
@@ -76,7 +82,7 @@ def test_conversation_assembly_and_records(monkeypatch, tok, constitution):
     assert [p["response"] for p in C.sft_pairs(records, up_to=1)] == ["text2-0", "text2-1"]
 
 
-def test_principles_are_seeded_draws_with_replacement(monkeypatch, tok):
+def test_principles_are_seeded_draws_with_replacement(monkeypatch, tok, params):
     constitution = load_constitution("default")
 
     def fake_generate(config, params, ids, **kwargs):
@@ -89,7 +95,7 @@ def test_principles_are_seeded_draws_with_replacement(monkeypatch, tok):
     run = lambda seed: [
         [r["principle"] for r in rec.rounds]
         for rec in C.critique_and_revise(
-            config, None, tok, constitution, PROMPTS * 4, rounds=4, seed=seed, few_shot=False
+            config, params, tok, constitution, PROMPTS * 4, rounds=4, seed=seed, few_shot=False
         )
     ]
     a, b, c = run(0), run(0), run(1)
@@ -114,14 +120,14 @@ def test_real_sampling_is_reproducible_and_fits_the_context(tok):
     assert all(len(r.rounds) == 1 for r in first)
 
 
-def test_bad_arguments(tok, constitution):
+def test_bad_arguments(tok, constitution, params):
     config = preset("tiny")
     with pytest.raises(ValueError, match="rounds"):
-        C.critique_and_revise(config, None, tok, constitution, PROMPTS, rounds=-1)
+        C.critique_and_revise(config, params, tok, constitution, PROMPTS, rounds=-1)
     with pytest.raises(ValueError, match="no room for a prompt"):
         C.critique_and_revise(
             config,
-            None,
+            params,
             tok,
             constitution,
             PROMPTS,

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from jaxcai.cai.constitution import Constitution
-from jaxcai.sample import generate
+from jaxcai.model import unrolled
+from jaxcai.sample import SAMPLING_RULES, generate
 from jaxcai.tokenizer import Tokenizer
 
 __all__ = ["Revised", "SamplingSettings", "critique_and_revise", "few_shot_prefix", "sft_pairs"]
@@ -93,7 +94,6 @@ def _sample(
             f"model's max_seq_len={config.max_seq_len}"
         )
     ids = [_fit(tok.encode(c, add_bos=True), limit, tok.bos_id) for c in contexts]
-    kwargs: dict[str, Any] = {"mesh": mesh} if mesh is not None else {}
     out = generate(
         config,
         params,
@@ -109,7 +109,7 @@ def _sample(
         pad_id=tok.pad_id,
         batch_size=settings.batch_size,
         progress=progress,
-        **kwargs,
+        mesh=mesh,
     )
     return [t.strip() for t in out.texts]
 
@@ -135,6 +135,8 @@ def critique_and_revise(
     if rounds < 0:
         raise ValueError(f"rounds={rounds} must be >= 0")
     n = len(prompts)
+    # The decoding layout once, not at each of the 1 + 2 * rounds `generate` calls.
+    config, params = unrolled(config, params, mesh, SAMPLING_RULES)
     draws = np.random.default_rng([seed, 0]).integers(0, len(constitution.critiques), (n, rounds))
     prefix = few_shot_prefix(constitution) if few_shot else ""
 

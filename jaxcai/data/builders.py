@@ -37,6 +37,7 @@ from jaxcai.data.records import (
     KINDS,
     DataError,
     conversation_text,
+    describe_counts,
     expand_inputs,
     read_records,
 )
@@ -205,7 +206,7 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 self.KIND,
                 split,
                 sum(skipped.values()),
-                ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
+                describe_counts(skipped),
             )
         if index == 0:
             raise DataError(

@@ -95,6 +95,12 @@ class Layout:
         chosen = self.buckets or tuple(2**k for k in range(6, 20) if 2**k < self.max_len)
         return tuple(sorted({b for b in chosen if b < self.max_len} | {self.max_len}))
 
+    @property
+    def fixed_width(self) -> bool:
+        """Whether every batch has rows of `max_len` (packed rows always fill it)."""
+        packed = self.kind == "text" or (self.kind == "sft" and self.pack)
+        return packed or len(self.bucket_lengths()) == 1
+
     def row_length(self, longest: int) -> int:
         """The padded length of a batch whose longest row has `longest` tokens."""
         return next(b for b in self.bucket_lengths() if b >= longest)

@@ -43,6 +43,7 @@ __all__ = [
     "KINDS",
     "DataError",
     "conversation_text",
+    "describe_counts",
     "expand_inputs",
     "normalise_prompt",
     "read_records",
@@ -75,6 +76,11 @@ class DataError(ValueError):
     def __init__(self, message: str, reason: str = "malformed"):
         super().__init__(message)
         self.reason = reason
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """`"reason: n, ..."` for a skip counter, sorted by reason."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[Path]:

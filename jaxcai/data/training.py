@@ -27,7 +27,7 @@ from jaxcai.data.pipeline import (
     eval_rows,
     train_iterator,
 )
-from jaxcai.data.records import DataError
+from jaxcai.data.records import DataError, describe_counts
 from jaxcai.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _report_skips(ds: builders.PreparedDataset, spec: str) -> None:
                 spec,
                 split,
                 sum(counts.values()),
-                ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+                describe_counts(counts),
             )
 
 
@@ -74,32 +74,11 @@ class TrainData:
     tok: Tokenizer
     skipped: collections.Counter  # examples left out at load time, by reason
 
-    def iterator(
-        self,
-        *,
-        rows_per_batch: int,
-        seed: int,
-        shard_index: int = 0,
-        shard_count: int = 1,
-        shuffle: bool = True,
-        workers: int = 0,
-        read_threads: int = 1,
-        ref: dict[str, np.ndarray] | None = None,
-    ):
-        """This data shard's endless, checkpointable batch iterator."""
-        return train_iterator(
-            self.train,
-            self.tok,
-            self.layout,
-            rows_per_batch=rows_per_batch,
-            seed=seed,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            shuffle=shuffle,
-            workers=workers,
-            read_threads=read_threads,
-            ref=ref,
-        )
+    def iterator(self, **options: Any):
+        """This data shard's endless, checkpointable batch iterator: `train_iterator`
+        over the train split, with its keyword options (`rows_per_batch`, `seed`,
+        `shard_index`, `shard_count`, `shuffle`, `workers`, `read_threads`, `ref`)."""
+        return train_iterator(self.train, self.tok, self.layout, **options)
 
     def rows(self, split: str) -> MapRows:
         """Random-access `max_len` rows of a split (for reference log-probs)."""
@@ -172,6 +151,6 @@ def training_data(cfg: Any, objective: str, tok: Tokenizer, seed: int) -> TrainD
                 "skipped %d examples that do not fit data.max_len=%d (%s)",
                 sum(skipped.values()),
                 layout.max_len,
-                ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
+                describe_counts(skipped),
             )
     return TrainData(train, evaluation, layout, tok, skipped)
