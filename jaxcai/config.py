@@ -130,7 +130,7 @@ class TrainerConfig:
     batch_size: int = 8  # global, in sequences (pairs for rm/dpo)
     grad_accum: int = 1  # micro-batches per step; batch_size must divide into them
     seed: int = 0
-    init_from: str | None = None  # Hugging Face checkpoint dir; None = random init
+    init_from: str | None = None  # HF dir, jaxcai run or run/checkpoints/N; None = random
     log_every: int = 1
     eval_every: int = 50  # 0 disables
     eval_batches: int = 0  # 0 = the whole eval split

@@ -10,6 +10,7 @@ params are read (not the optimizer state), straight into their shards on `mesh`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from jaxcai.config import model_config
 from jaxcai.model_config import ModelConfig
 from jaxcai.sharding import DEFAULT_RULES, Rules
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "model_config_of"]
 
 
 def _run_dir(path: Path) -> tuple[Path, int | None]:
@@ -38,6 +39,20 @@ def _run_dir(path: Path) -> tuple[Path, int | None]:
         f"{path}: neither a Hugging Face directory (config.json) nor a jaxcai run "
         "(config.yaml and checkpoints/)"
     )
+
+
+def model_config_of(path: str | os.PathLike, **numerics: Any) -> ModelConfig:
+    """The `ModelConfig` of a loadable model (HF directory or jaxcai run), without weights."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        try:
+            values = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise hf.CheckpointError(f"{path / 'config.json'}: invalid JSON ({e})") from e
+        return hf.config_from_hf(values, source=str(path / "config.json"), **numerics)
+    run_dir, _ = _run_dir(path)
+    config = model_config(OmegaConf.load(run_dir / "config.yaml").model)
+    return config.replace(**numerics) if numerics else config
 
 
 def load_model(

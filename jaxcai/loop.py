@@ -26,6 +26,7 @@ from jaxcai.config import ConfigError, model_config, validate
 from jaxcai.data.batches import data_shard, eval_index_batches, from_local_rows, global_batch
 from jaxcai.data.pipeline import ArrayRows, repad
 from jaxcai.data.training import TrainData, training_data
+from jaxcai.load import load_model, model_config_of
 from jaxcai.metrics import MetricsWriter, peak_flops_per_device
 from jaxcai.model_config import ModelConfig, flops_per_token
 from jaxcai.tokenizer import Tokenizer
@@ -66,22 +67,47 @@ def initialize_distributed(cfg: DictConfig) -> None:
 
 
 def _model_and_params(cfg: DictConfig, mesh, rules) -> tuple[ModelConfig, Any]:
-    """Random init from `cfg.model`, or weights from `trainer.init_from` (a HF directory)."""
+    """Random init from `cfg.model`, or the weights of `trainer.init_from` (a Hugging Face
+    directory, a jaxcai run or one of its `checkpoints/N`)."""
     head = "reward" if cfg.objective.name == "rm" else "lm"
     seed = jax.random.key(cfg.trainer.seed)
     if cfg.trainer.init_from:
         numerics = {k: cfg.model[k] for k in NUMERIC_FIELDS}
-        mc, params = hf.load_pretrained(
-            cfg.trainer.init_from, mesh=mesh, rules=rules, progress=cfg.trainer.progress, **numerics
+        mc, params = load_model(
+            cfg.trainer.init_from,
+            mesh=mesh,
+            rules=rules,
+            progress=cfg.trainer.progress,
+            **numerics,
         )
-        if head == "reward":
+        if head == "reward" and "reward_kernel" not in params:
             shardings = model.param_shardings(mc, mesh, rules, head="reward")
             params = jax.jit(
                 lambda p, r: model.to_reward_params(mc, p, r), out_shardings=shardings
             )(params, seed)
+        elif head == "lm" and "reward_kernel" in params:
+            raise ConfigError(
+                f"config trainer.init_from={cfg.trainer.init_from!r} is a reward model; "
+                f"objective {cfg.objective.name} needs a language model"
+            )
         return mc, params
     mc = model_config(cfg.model)
     return mc, model.init_sharded(mc, seed, mesh, rules, head=head)
+
+
+def _adopt_init_model(cfg: DictConfig) -> None:
+    """With `trainer.init_from`, make `cfg.model` the checkpoint's architecture (keeping
+    the numerics chosen in `cfg.model`), so validation and the run's `config.yaml` describe
+    the model actually trained."""
+    if not cfg.trainer.init_from:
+        return
+    numerics = {k: cfg.model[k] for k in NUMERIC_FIELDS}
+    try:
+        mc = model_config_of(cfg.trainer.init_from, **numerics)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config trainer.init_from={cfg.trainer.init_from!r}: {e}") from e
+    name = cfg.model.get("name", "custom")
+    cfg.model = {**mc.to_dict(), "name": name}
 
 
 def _state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
@@ -203,6 +229,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     initialize_distributed(cfg.distributed)
+    _adopt_init_model(cfg)
     validate(cfg, jax.device_count())
     t = cfg.trainer
     tok = Tokenizer.load(cfg.data.tokenizer)

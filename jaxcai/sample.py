@@ -54,6 +54,7 @@ __all__ = [
     "filter_logits",
     "generate",
     "greedy_generate",
+    "keep_end",
     "left_pad",
     "sample_tokens",
     "score",
@@ -237,6 +238,15 @@ class Generation:
         """Indices of one prompt's samples."""
         n = self.num_samples
         return range(prompt_index * n, (prompt_index + 1) * n)
+
+
+def keep_end(ids: Sequence[int], limit: int) -> list[int]:
+    """A prompt cut to at most `limit` ids by dropping from the start after its first id
+    (the bos), so the most recent context is kept."""
+    if limit < 2:
+        raise ValueError(f"a prompt limit of {limit} leaves no room for the context")
+    ids = list(ids)
+    return ids if len(ids) <= limit else [ids[0], *ids[len(ids) - limit + 1 :]]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

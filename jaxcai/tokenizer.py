@@ -30,6 +30,7 @@ __all__ = [
     "Tokenizer",
     "Turn",
     "TurnSpan",
+    "answer_context",
     "default_tokenizer_path",
     "format_conversation",
     "load",
@@ -87,6 +88,12 @@ def format_conversation(
     if open_assistant:
         parts.append(_header("Assistant"))
     return "".join(parts)
+
+
+def answer_context(prompt: str) -> str:
+    """A stored prompt (a transcript ending on a Human turn) opened for the assistant's
+    answer: the text a sampler continues."""
+    return f"{prompt.rstrip()}{_header('Assistant')}"
 
 
 def _turn_bounds(text: str) -> list[tuple[str, int, int]]:

@@ -120,6 +120,25 @@ def test_real_sampling_is_reproducible_and_fits_the_context(tok):
     assert all(len(r.rounds) == 1 for r in first)
 
 
+def test_chunks_give_the_same_texts_as_the_whole_set(tok):
+    """Seeds and principle draws follow a prompt's global index, so the pipeline can
+    process (and resume) a prompt set chunk by chunk."""
+    constitution = load_constitution("minimal")
+    config = preset("tiny")
+    params = model.init_params(config, jax.random.key(1))
+    settings = C.SamplingSettings(max_new_tokens=6, temperature=1.0)
+    prompts = PROMPTS * 2
+    kw = dict(rounds=2, seed=5, few_shot=False, settings=settings)
+    whole = C.critique_and_revise(config, params, tok, constitution, prompts, **kw)
+    parts = []
+    for lo in range(0, len(prompts), 3):
+        chunk = prompts[lo : lo + 3]
+        parts += C.critique_and_revise(
+            config, params, tok, constitution, chunk, indices=range(lo, lo + len(chunk)), **kw
+        )
+    assert [(r.initial, r.rounds) for r in parts] == [(r.initial, r.rounds) for r in whole]
+
+
 def test_bad_arguments(tok, constitution, params):
     config = preset("tiny")
     with pytest.raises(ValueError, match="rounds"):
@@ -136,7 +155,11 @@ def test_bad_arguments(tok, constitution, params):
 
 
 def test_long_contexts_keep_bos_and_their_end(tok, constitution):
-    assert C._fit(list(range(10, 20)), 5, 2) == [2, 16, 17, 18, 19]
-    assert C._fit([2, 5, 6], 5, 2) == [2, 5, 6]
+    from jaxcai.sample import keep_end
+
+    assert keep_end([2, *range(11, 20)], 5) == [2, 16, 17, 18, 19]
+    assert keep_end([2, 5, 6], 5) == [2, 5, 6]
+    with pytest.raises(ValueError, match="no room"):
+        keep_end([2, 5, 6], 1)
     prefix_ids = tok.encode(C.few_shot_prefix(load_constitution("default")), add_bos=True)
     assert len(prefix_ids) > 256 - 8  # so the tiny model's run above must cut contexts

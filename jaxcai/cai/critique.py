@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxcai.cai.constitution import Constitution
 from jaxcai.model import unrolled
-from jaxcai.sample import SAMPLING_RULES, generate
-from jaxcai.tokenizer import Tokenizer
+from jaxcai.sample import SAMPLING_RULES, generate, keep_end
+from jaxcai.tokenizer import Tokenizer, answer_context
 
 __all__ = ["Revised", "SamplingSettings", "critique_and_revise", "few_shot_prefix", "sft_pairs"]
 
@@ -72,11 +72,6 @@ def few_shot_prefix(constitution: Constitution) -> str:
     return "".join(parts)
 
 
-def _fit(ids: list[int], limit: int, bos: int) -> list[int]:
-    """Keep `bos` and the last `limit - 1` ids when a context is too long."""
-    return ids if len(ids) <= limit else [bos, *ids[len(ids) - limit + 1 :]]
-
-
 def _sample(
     config,
     params,
@@ -93,7 +88,7 @@ def _sample(
             f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
             f"model's max_seq_len={config.max_seq_len}"
         )
-    ids = [_fit(tok.encode(c, add_bos=True), limit, tok.bos_id) for c in contexts]
+    ids = [keep_end(tok.encode(c, add_bos=True), limit) for c in contexts]
     out = generate(
         config,
         params,
@@ -125,25 +120,35 @@ def critique_and_revise(
     seed: int = 0,
     few_shot: bool = True,
     settings: SamplingSettings = SamplingSettings(),
+    indices: Sequence[int] | None = None,
     mesh=None,
     progress: bool = False,
 ) -> list[Revised]:
     """Initial responses and `rounds` critique -> revision rounds for every prompt.
 
     `prompts` are transcripts ending on a Human turn (`"\\n\\nHuman: ..."`, as stored in
-    prompts datasets)."""
+    prompts datasets). A prompt's principle draws and sampling seeds depend on `seed` and
+    its global index (`indices`, default 0..n-1) only, so chunks of a prompt set give the
+    same texts as the whole set at once."""
     if rounds < 0:
         raise ValueError(f"rounds={rounds} must be >= 0")
-    n = len(prompts)
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices")
     # The decoding layout once, not at each of the 1 + 2 * rounds `generate` calls.
     config, params = unrolled(config, params, mesh, SAMPLING_RULES)
-    draws = np.random.default_rng([seed, 0]).integers(0, len(constitution.critiques), (n, rounds))
+    draws = np.array(
+        [
+            np.random.default_rng([seed, 0, i]).integers(0, len(constitution.critiques), rounds)
+            for i in indices
+        ]
+    ).reshape(len(prompts), rounds)
     prefix = few_shot_prefix(constitution) if few_shot else ""
 
     def seeds(step: int) -> list[int]:  # one stream per (prompt, step), batch independent
-        return [int(s) for s in np.random.default_rng([seed, 1, step]).integers(0, 2**31, n)]
+        return [int(np.random.default_rng([seed, 1, step, i]).integers(0, 2**31)) for i in indices]
 
-    contexts = [f"{prefix}{p.rstrip()}\n\nAssistant:" for p in prompts]
+    contexts = [prefix + answer_context(p) for p in prompts]
     responses = _sample(config, params, tok, contexts, seeds(0), settings, mesh, progress)
     records = [Revised(p, r, []) for p, r in zip(prompts, responses, strict=True)]
     for r in range(rounds):

@@ -1,0 +1,1 @@
+"""Evaluation harnesses: multiple-choice scoring, text metrics, evaluation by generation."""

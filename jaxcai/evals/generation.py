@@ -1,0 +1,112 @@
+"""Evaluation by generation: answer SFT prompts and compare with the reference responses.
+
+Each record is an SFT record (`prompt`: a transcript ending on a Human turn, `response`:
+the reference answer), as `PreparedDataset.records(split)` or
+`read_records(path, "sft")` give them. The model continues `prompt.rstrip() +
+"\\n\\nAssistant:"` (with bos; a prompt too long for the model keeps its bos and its
+end) until eos, the start of a new Human turn, or `max_new_tokens`; greedy by default.
+Predictions and references are stripped and scored with `jaxcai.evals.text`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+
+from jaxcai.evals.text import text_metrics
+from jaxcai.model_config import ModelConfig
+from jaxcai.sample import generate
+from jaxcai.tokenizer import Tokenizer
+
+__all__ = ["STOP", "evaluate_generation", "metrics_markdown", "sampling_prompt"]
+
+STOP = "\n\nHuman:"  # the model starting the next Human turn ends its answer
+
+
+def sampling_prompt(prompt: str) -> str:
+    """The text the model continues: the transcript with an open Assistant turn."""
+    return prompt.rstrip() + "\n\nAssistant:"
+
+
+def _keep_end(ids: list[int], limit: int) -> tuple[list[int], bool]:
+    """The ids cut to `limit` (the first, bos, and the last `limit - 1`), and whether cut."""
+    return (ids, False) if len(ids) <= limit else ([ids[0], *ids[len(ids) - limit + 1 :]], True)
+
+
+def evaluate_generation(
+    config: ModelConfig,
+    params: Any,
+    tok: Tokenizer,
+    records: Iterable[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Generate an answer per record and score it against the record's `response`.
+
+    Returns `{"n", "truncated", "metrics": text_metrics(...), "examples": [{"source",
+    "prompt", "reference", "prediction", "stop_reason"}, ...]}`."""
+    records = list(records)
+    if not records:
+        raise ValueError("no records to evaluate")
+    limit = config.max_seq_len - max_new_tokens
+    if limit < 2:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"max_seq_len={config.max_seq_len}"
+        )
+    ids, truncated = [], 0
+    for r in records:
+        kept, cut = _keep_end(tok.encode(sampling_prompt(r["prompt"]), add_bos=True), limit)
+        ids.append(kept)
+        truncated += cut
+    out = generate(
+        config,
+        params,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_ids=(tok.eos_id,),
+        stop_strings=(STOP,),
+        tokenizer=tok,
+        pad_id=tok.pad_id,
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
+    )
+    predictions = [t.strip() for t in out.texts]
+    references = [str(r["response"]).strip() for r in records]
+    return {
+        "n": len(records),
+        "truncated": truncated,
+        "metrics": text_metrics(predictions, references),
+        "examples": [
+            {
+                "source": r.get("source", ""),
+                "prompt": r["prompt"],
+                "reference": ref,
+                "prediction": pred,
+                "stop_reason": why,
+            }
+            for r, ref, pred, why in zip(
+                records, references, predictions, out.stop_reasons, strict=True
+            )
+        ],
+    }
+
+
+def metrics_markdown(metrics: Mapping[str, float], n: int) -> str:
+    """A two-column table of the metrics (BLEU on its 0-100 scale)."""
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(["| metric | value |", "|---|---|", f"| items | {n} |", *rows])

@@ -1,0 +1,130 @@
+"""Evaluation entry point: `jaxcai-eval [overrides]` (see `configs/eval.yaml`).
+
+Loads a model (Hugging Face directory, jaxcai run, or a random `model` for smoke tests)
+and runs one task: `choice` scores multiple-choice items (`jaxcai.evals.choice`),
+`generation` answers SFT prompts and compares with the references
+(`jaxcai.evals.generation`). Prints a markdown table and writes the JSON report.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import jax
+from omegaconf import DictConfig, OmegaConf
+
+from jaxcai import model, sharding
+from jaxcai.config import CONFIG_DIR, ConfigError, model_config
+from jaxcai.data.records import DataError, describe_counts
+from jaxcai.data.training import open_dataset
+from jaxcai.evals import choice, generation
+from jaxcai.load import load_model
+from jaxcai.sample import SAMPLING_RULES
+from jaxcai.tokenizer import Tokenizer
+
+DEFAULT_DATA = {"choice": "bundled:choice_smoke.jsonl", "generation": "bundled:sft.jsonl"}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` naming the first bad key."""
+    checks = [
+        ("task", cfg.task in DEFAULT_DATA, f"choose one of {tuple(DEFAULT_DATA)}"),
+        ("normalize", cfg.normalize in choice.NORMALIZE, f"choose one of {choice.NORMALIZE}"),
+        ("limit", isinstance(cfg.limit, int) and cfg.limit >= 0, "must be an integer >= 0"),
+        ("batch_size", isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "must be >= 1"),
+        ("max_new_tokens", isinstance(cfg.max_new_tokens, int) and cfg.max_new_tokens >= 1, ">= 1"),
+        ("temperature", isinstance(cfg.temperature, int | float) and cfg.temperature >= 0, ">= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config {key}={cfg[key]!r}: {why}")
+
+
+def _data_spec(cfg: DictConfig) -> str | list[str]:
+    spec = cfg.data if cfg.data is not None else DEFAULT_DATA[cfg.task]
+    return [str(s) for s in spec] if OmegaConf.is_list(spec) else str(spec)
+
+
+def _choice_items(cfg: DictConfig) -> list[choice.ChoiceItem]:
+    skipped: collections.Counter | None = collections.Counter() if cfg.skip_invalid else None
+    files = choice.choice_files(_data_spec(cfg))
+    items = [it for path in files for it in choice.read_choice_file(path, skipped)]
+    if skipped:
+        n = sum(skipped.values())
+        logging.warning("skipped %d invalid items (%s)", n, describe_counts(skipped))
+    return items[: cfg.limit] if cfg.limit else items
+
+
+def _sft_records(cfg: DictConfig) -> list[dict[str, Any]]:
+    spec = _data_spec(cfg)
+    if not isinstance(spec, str):
+        raise ConfigError(f"config data={spec!r}: task=generation reads one dataset")
+    ds = open_dataset(spec, "sft", skip_invalid=cfg.skip_invalid)
+    records = ds.records("eval" if "eval" in ds.splits else "train")
+    return list(itertools.islice(records, cfg.limit or None))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> float:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        check_config(cfg)
+        tok = Tokenizer.load(cfg.tokenizer)
+        data = _choice_items(cfg) if cfg.task == "choice" else _sft_records(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        sys.exit(f"jaxcai-eval: {e}")
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+    with sharding.use_mesh(mesh, SAMPLING_RULES):
+        if cfg.checkpoint:
+            config, params = load_model(
+                cfg.checkpoint, mesh=mesh, rules=SAMPLING_RULES, progress=cfg.progress
+            )
+        else:
+            config = model_config(cfg.model)
+            params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, SAMPLING_RULES)
+        if tok.vocab_size > config.vocab_size:
+            sys.exit(
+                f"jaxcai-eval: tokenizer {tok.source} has {tok.vocab_size} pieces but the "
+                f"model only {config.vocab_size} embeddings"
+            )
+        if "reward_kernel" in params:
+            sys.exit(f"jaxcai-eval: {cfg.checkpoint} is a reward model; it cannot score text")
+        common = dict(batch_size=cfg.batch_size, mesh=mesh, progress=cfg.progress)
+        if cfg.task == "choice":
+            report = choice.evaluate_choices(
+                config, params, tok, data, normalize=cfg.normalize, **common
+            )
+            result, table, headline = report.to_dict(), report.markdown(), report.accuracy
+        else:
+            result = generation.evaluate_generation(
+                config,
+                params,
+                tok,
+                data,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                **common,
+            )
+            table = generation.metrics_markdown(result["metrics"], result["n"])
+            headline = result["metrics"]["rougeL"]
+    print(table)
+    if cfg.output:
+        path = Path(cfg.output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = {"task": cfg.task, "checkpoint": cfg.checkpoint, "data": _data_spec(cfg)} | result
+        path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    return float(headline)
+
+
+if __name__ == "__main__":
+    main()
