@@ -173,8 +173,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     """The config Hydra would build for `jaxcai-train overrides...` (for scripts and tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (e.g. `jaxcai-cai`)
+        return hydra_compose(config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return hydra_compose(config_name, overrides=list(overrides))
 

@@ -126,7 +126,9 @@ class ModelJudge:
             progress=self.progress,
         )
 
-    def reason(self, questions: Sequence[str], seeds: Sequence[int], max_new_tokens: int) -> list[str]:
+    def reason(
+        self, questions: Sequence[str], seeds: Sequence[int], max_new_tokens: int
+    ) -> list[str]:
         """Sampled chain-of-thought texts, one per question (ending before an answer)."""
         ids = [self._ids(q, max_new_tokens) for q in questions]
         out = generate(
@@ -151,7 +153,10 @@ def _example_block(constitution: Constitution, cot: bool) -> str:
     blocks = []
     for ex in constitution.feedback_examples:
         question = constitution.feedback_prompt(
-            ex.conversation.strip(), ex.principle.strip(), ex.response_a.strip(), ex.response_b.strip()
+            ex.conversation.strip(),
+            ex.principle.strip(),
+            ex.response_a.strip(),
+            ex.response_b.strip(),
         )
         answer = f"({ex.answer.strip()})"
         if cot and ex.reasoning.strip():

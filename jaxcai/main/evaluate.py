@@ -29,17 +29,18 @@ from jaxcai.load import load_model
 from jaxcai.sample import SAMPLING_RULES
 from jaxcai.tokenizer import Tokenizer
 
-DEFAULT_DATA = {"choice": "bundled:choice_smoke.jsonl", "generation": "bundled:sft.jsonl"}
+DEFAULT_DATASET = {"choice": "bundled:choice_smoke.jsonl", "generation": "bundled:sft.jsonl"}
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` naming the first bad key."""
+    count = lambda key, low: type(cfg[key]) is int and cfg[key] >= low
     checks = [
-        ("task", cfg.task in DEFAULT_DATA, f"choose one of {tuple(DEFAULT_DATA)}"),
+        ("task", cfg.task in DEFAULT_DATASET, f"choose one of {tuple(DEFAULT_DATASET)}"),
         ("normalize", cfg.normalize in choice.NORMALIZE, f"choose one of {choice.NORMALIZE}"),
-        ("limit", isinstance(cfg.limit, int) and cfg.limit >= 0, "must be an integer >= 0"),
-        ("batch_size", isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "must be >= 1"),
-        ("max_new_tokens", isinstance(cfg.max_new_tokens, int) and cfg.max_new_tokens >= 1, ">= 1"),
+        ("limit", count("limit", 0), "must be an integer >= 0"),
+        ("batch_size", count("batch_size", 1), "must be an integer >= 1"),
+        ("max_new_tokens", count("max_new_tokens", 1), "must be an integer >= 1"),
         ("temperature", isinstance(cfg.temperature, int | float) and cfg.temperature >= 0, ">= 0"),
     ]
     for key, ok, why in checks:
@@ -47,14 +48,14 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"config {key}={cfg[key]!r}: {why}")
 
 
-def _data_spec(cfg: DictConfig) -> str | list[str]:
-    spec = cfg.data if cfg.data is not None else DEFAULT_DATA[cfg.task]
+def _dataset_spec(cfg: DictConfig) -> str | list[str]:
+    spec = cfg.dataset if cfg.dataset is not None else DEFAULT_DATASET[cfg.task]
     return [str(s) for s in spec] if OmegaConf.is_list(spec) else str(spec)
 
 
 def _choice_items(cfg: DictConfig) -> list[choice.ChoiceItem]:
     skipped: collections.Counter | None = collections.Counter() if cfg.skip_invalid else None
-    files = choice.choice_files(_data_spec(cfg))
+    files = choice.choice_files(_dataset_spec(cfg))
     items = [it for path in files for it in choice.read_choice_file(path, skipped)]
     if skipped:
         n = sum(skipped.values())
@@ -63,10 +64,10 @@ def _choice_items(cfg: DictConfig) -> list[choice.ChoiceItem]:
 
 
 def _sft_records(cfg: DictConfig) -> list[dict[str, Any]]:
-    spec = _data_spec(cfg)
+    spec = _dataset_spec(cfg)
     if not isinstance(spec, str):
-        raise ConfigError(f"config data={spec!r}: task=generation reads one dataset")
-    ds = open_dataset(spec, "sft", skip_invalid=cfg.skip_invalid)
+        raise ConfigError(f"config dataset={spec!r}: task=generation reads one dataset")
+    ds = open_dataset(spec, "sft", skip_invalid=cfg.skip_invalid, key="dataset")
     records = ds.records("eval" if "eval" in ds.splits else "train")
     return list(itertools.islice(records, cfg.limit or None))
 
@@ -120,7 +121,11 @@ def main(cfg: DictConfig) -> float:
     if cfg.output:
         path = Path(cfg.output).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        result = {"task": cfg.task, "checkpoint": cfg.checkpoint, "data": _data_spec(cfg)} | result
+        result = {
+            "task": cfg.task,
+            "checkpoint": cfg.checkpoint,
+            "dataset": _dataset_spec(cfg),
+        } | result
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)
     return float(headline)

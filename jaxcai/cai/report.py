@@ -1,0 +1,131 @@
+"""`report.md` of a CAI run: each stage's numbers, training curves and eval plots (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxcai.metrics import read_metrics
+
+__all__ = ["write_report"]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def _table(rows: dict[str, Any]) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows.items() if v is not None]
+    return "\n".join(lines)
+
+
+def _plot_training(run_dir: Path, stage: str) -> str | None:
+    """Train (and eval) loss against step; the PNG's path relative to `run_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_metrics(run_dir / stage)
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval/loss"]) for m in metrics if "eval/loss" in m]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{stage}")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "plots" / f"{stage}_loss.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path.relative_to(run_dir))
+
+
+def _plot_rewards(run_dir: Path) -> str | None:
+    """Histograms of reward-model scores per policy (all eval prompt sets together)."""
+    scores_file = run_dir / "eval" / "reward_scores.json"
+    if not scores_file.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = json.loads(scores_file.read_text())
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for policy, per_set in scores.items():
+        values = [v for vs in per_set.values() for v in vs]
+        if values:
+            ax.hist(values, bins=20, alpha=0.5, label=policy)
+    ax.set_xlabel("reward-model score")
+    ax.set_ylabel("responses")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "plots" / "eval_rewards.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path.relative_to(run_dir))
+
+
+def _eval_section(results: dict[str, Any]) -> list[str]:
+    out = []
+    for measure, title in (
+        ("harm", "Share judged harmful by the feedback model"),
+        ("reward", "Reward-model scores (mean)"),
+        ("preference_vs_initial", "Feedback-model preference over the initial policy (debiased)"),
+    ):
+        table = results.get(measure)
+        if not table:
+            continue
+        sets = sorted({s for per_set in table.values() for s in per_set})
+        key = {"harm": "harmful", "reward": "mean", "preference_vs_initial": "p_first"}[measure]
+        out += [f"### {title}", "", "| policy | " + " | ".join(sets) + " |"]
+        out.append("|---" * (len(sets) + 1) + "|")
+        for policy, per_set in table.items():
+            cells = [_fmt(per_set.get(s, {}).get(key)) for s in sets]
+            out.append(f"| {policy} | " + " | ".join(cells) + " |")
+        out.append("")
+    for path, numbers in (results.get("choice") or {}).items():
+        out += [f"### Multiple-choice: `{path}`", "", _table(numbers), ""]
+    return out
+
+
+def write_report(run_dir: str | Path, records: dict[str, dict[str, Any]]) -> Path:
+    """Write `run_dir/report.md` from the stages' records; returns its path."""
+    run_dir = Path(run_dir)
+    lines = ["# jaxcai Constitutional AI run", "", f"Run directory: `{run_dir}`", ""]
+    for stage, record in records.items():
+        lines += [f"## {stage}", ""]
+        if record.get("given"):
+            lines += [f"Handed in: `{record['outputs']['given']}`", ""]
+            continue
+        outputs = ", ".join(f"{k}: `{v}`" for k, v in record["outputs"].items())
+        lines += [
+            f"Outputs: {outputs}" + (f" ({record['seconds']} s)" if "seconds" in record else ""),
+            "",
+        ]
+        stats = record.get("stats") or {}
+        if stage == "eval":
+            lines += _eval_section(stats)
+            plot = _plot_rewards(run_dir)
+        else:
+            lines += [_table(stats), ""]
+            plot = _plot_training(run_dir, stage) if stage in ("sft", "rm", "dpo") else None
+        if plot:
+            lines += [f"![{stage}]({plot})", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
