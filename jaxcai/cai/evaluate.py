@@ -65,7 +65,7 @@ def preference_rate(
     first: Sequence[str],
     second: Sequence[str],
     *,
-    settings: FeedbackSettings = FeedbackSettings(),
+    settings: FeedbackSettings | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """How often the feedback model prefers `first[i]` over `second[i]` (position-debiased
@@ -75,7 +75,7 @@ def preference_rate(
         constitution,
         prompts,
         list(zip(first, second, strict=True)),
-        settings=settings,
+        settings=settings or FeedbackSettings(),
         seed=seed,
     )
     p = np.array([j.p_first for j in judgements])

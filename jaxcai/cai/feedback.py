@@ -30,8 +30,7 @@ import numpy as np
 from jaxcai.cai.constitution import ANSWER_SUFFIX, Constitution
 from jaxcai.model import unrolled
 from jaxcai.sample import SAMPLING_RULES, choose, generate, keep_end
-from jaxcai.tokenizer import answer_context
-from jaxcai.tokenizer import Tokenizer
+from jaxcai.tokenizer import Tokenizer, answer_context
 
 __all__ = [
     "COT_CUE",
