@@ -144,7 +144,6 @@ def test_calibration_by_hand():
     assert m.bins[8].accuracy == 1.0
     assert m.ece == pytest.approx(2 / 5 * 0.525 + 2 / 5 * 0.225 + 1 / 5 * 0.2)
     assert np.isnan(m.bins[0].confidence)
-    assert C.calibration([[0.2, 0.8]], [[1]]).bins[-1].count == 1
     assert C.calibration([[0.0, 1.0]], [[1]]).bins[-1].count == 1  # 1.0 is in the last bin
 
 
@@ -211,29 +210,52 @@ def test_bundled_choice_file_reads_cleanly():
 # ----- the choice harness against a plain forward pass --------------------------------
 
 
-def _probs_by_forward(config, params, tok, item: C.ChoiceItem, normalize: str) -> np.ndarray:
-    """Each option's log-prob from one full forward pass over `bos + prompt + option`."""
-    n_prompt = len(tok.encode(item.prompt, add_bos=True))
-    scores = []
-    for option in item.options:
-        ids = tok.encode(item.prompt + option, add_bos=True)
-        assert ids[:n_prompt] == tok.encode(item.prompt, add_bos=True)  # no merge at the join
-        logits = np.asarray(forward(config, params, np.asarray([ids], np.int32)))[0]
-        logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))
-        picked = [logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))]
-        scores.append(sum(picked) / (len(picked) if normalize == "mean" else 1))
-    scores = np.asarray(scores)
-    e = np.exp(scores - scores.max())
-    return e / e.sum()
+def _option_logps_by_forward(config, params, tok, items) -> list[list[tuple[float, int]]]:
+    """(summed log-prob, token count) of every option, from one full forward pass over
+    each `bos + prompt + option` text (right-padded in one batch: causal attention
+    leaves the real tokens alone)."""
+    rows, spans = [], []
+    for item in items:
+        n_prompt = len(tok.encode(item.prompt, add_bos=True))
+        for option in item.options:
+            ids = tok.encode(item.prompt + option, add_bos=True)
+            assert ids[:n_prompt] == tok.encode(item.prompt, add_bos=True)  # no merge
+            rows.append(ids)
+            spans.append(n_prompt)
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for r, ids in enumerate(rows):
+        tokens[r, : len(ids)] = ids
+    logits = np.asarray(jax.jit(forward, static_argnums=0)(config, params, tokens))
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), axis=-1))
+    flat = [
+        (sum(logp[r, t - 1, ids[t]] for t in range(n, len(ids))), len(ids) - n)
+        for r, (ids, n) in enumerate(zip(rows, spans, strict=True))
+    ]
+    out, k = [], 0
+    for item in items:
+        out.append(flat[k : k + len(item.options)])
+        k += len(item.options)
+    return out
+
+
+@pytest.fixture(scope="module")
+def choice_case(lively, tok):
+    config, params = lively
+    items = C.read_choice_file(C.choice_files(SMOKE)[0])
+    items = [items[0], items[13], items[15], items[18]]  # 2, 4, 5 and 4 options
+    return items, _option_logps_by_forward(config, params, tok, items)
 
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
-def test_choice_probabilities_match_a_forward_pass(lively, tok, normalize):
+def test_choice_probabilities_match_a_forward_pass(lively, tok, choice_case, normalize):
     config, params = lively
-    items = C.read_choice_file(C.choice_files(SMOKE)[0])
-    items = [items[0], items[13], items[15], items[18]]  # 2, 4, 4 and 5 options
+    items, option_logps = choice_case
     report = C.evaluate_choices(config, params, tok, items, batch_size=4, normalize=normalize)
-    expected = [_probs_by_forward(config, params, tok, it, normalize) for it in items]
+    expected = []
+    for per_option in option_logps:
+        scores = np.asarray([lp / (n if normalize == "mean" else 1) for lp, n in per_option])
+        e = np.exp(scores - scores.max())
+        expected.append(e / e.sum())
     for got, want in zip(report.items, expected, strict=True):
         np.testing.assert_allclose(got.probs, want, atol=1e-4)
     assert max(max(p) for p in expected) > 0.6  # the check is not between uniform guesses
@@ -340,7 +362,19 @@ def test_eval_entry_point_generation(tmp_path):
     assert set(report["metrics"]) == {"exact_match", "token_f1", "rougeL", "bleu"}
 
 
-def test_eval_entry_point_names_a_bad_key(tmp_path):
-    result = _run_eval(tmp_path, "normalize=max")
-    assert result.returncode != 0
-    assert "config normalize='max': choose one of ('sum', 'mean')" in result.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("normalize=max", "config normalize='max': choose one of ('sum', 'mean')"),
+        ("task=qa", "config task='qa': choose one of ('choice', 'generation')"),
+        ("limit=-1", "config limit=-1: must be an integer >= 0"),
+        ("batch_size=0", "config batch_size=0: must be an integer >= 1"),
+    ],
+)
+def test_eval_config_errors_name_the_key(override, message):
+    from jaxcai.config import ConfigError
+    from jaxcai.main.evaluate import check_config
+
+    check_config(compose([], "eval"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose([override], "eval"))

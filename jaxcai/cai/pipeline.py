@@ -163,7 +163,7 @@ class _Run:
             "seed": int(self.cfg.seed),
             "constitution": {"name": c.name, "source": c.source, "sha256": c.sha256},
             "prompts": self.prompt_sources,
-            "policy": self.outputs.get("initial"),
+            "initial_policy": self.outputs.get("initial"),
             "feedback_model": self.cfg.feedback_model or self.outputs.get("initial"),
             "sampling": OmegaConf.to_container(self.cfg.sampling, resolve=True),
             **extra,
@@ -284,7 +284,9 @@ def _stage_critique(run: _Run) -> dict[str, Any]:
         "sft",
         str(stage_dir / "sft.jsonl"),
         stage_dir / "dataset",
-        provenance=run.provenance("critique", settings=_plain(cfg.cai), stats=stats),
+        provenance=run.provenance(
+            "critique", policy=run.outputs["initial"], settings=_plain(cfg.cai), stats=stats
+        ),
         overwrite=True,
     )
     return {"outputs": {"dataset": str(dataset.path)}, "stats": stats}
@@ -516,17 +518,15 @@ def _stage_eval(run: _Run) -> dict[str, Any]:
             for name in policies
             if name != "initial"
         }
-    choice = list(cfg.eval.choice_files or [])
-    if choice:
-        from jaxcai.evals.choice import evaluate_choices, read_choice_file
+    if cfg.eval.choice_files:
+        from jaxcai.evals.choice import choice_files, evaluate_choices, read_choice_file
 
         results["choice"] = {}
-        for path in choice:
-            items = read_choice_file(path)
-            report = evaluate_choices(judge.config, judge.params, run.tok, items, mesh=run.mesh)
-            results["choice"][str(path)] = {
-                k: v for k, v in report.to_dict().items() if k != "items"
-            }
+        for path in choice_files(list(cfg.eval.choice_files)):
+            report = evaluate_choices(
+                judge.config, judge.params, run.tok, read_choice_file(path), mesh=run.mesh
+            )
+            results["choice"][path.name] = report.summary()
     rows = [
         {"policy": name, "set": s, "prompt": p, "response": r}
         for name, per_set in responses.items()

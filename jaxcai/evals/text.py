@@ -25,7 +25,6 @@ import string
 from collections.abc import Sequence
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
 __all__ = ["bleu", "exact_match", "normalize_text", "rouge_l", "text_metrics", "token_f1"]
 
@@ -94,6 +93,8 @@ def token_f1(predictions: Sequence[str], references: References) -> float:
 
 def rouge_l(predictions: Sequence[str], references: References) -> float:
     """Mean ROUGE-L F-measure (longest common subsequence), best reference per example."""
+    from rouge_score import rouge_scorer  # imports nltk (seconds): only when needed
+
     refs = _reference_lists(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     return _mean(
