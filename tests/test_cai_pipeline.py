@@ -233,3 +233,43 @@ def test_killed_during_feedback_resumes_to_the_same_datasets(smoke_run, tmp_path
     for name in ("critique/sft.jsonl", "critique/trajectories.jsonl", "feedback/preferences.jsonl"):
         assert _lines(run_dir / name) == _lines(reference / name), name
     assert stage_record(run_dir, "eval") is not None
+
+
+def test_multirun_ablation_and_its_table(tmp_path):
+    """One `-m` line sweeps the pipeline's settings; the table script lines the runs up."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxcai.main.cai",
+            "-m",
+            *[o for o in FAST if o != "cai.revision_rounds=1"],
+            "stages=[critique,eval]",
+            "eval.choice_files=[]",
+            "cai.revision_rounds=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rounds = {}
+    for run in sweep.iterdir():
+        if (run / "critique" / "stage.json").is_file():
+            trajectories = _lines(run / "critique" / "trajectories.jsonl")
+            rounds[run.name] = {len(t["rounds"]) for t in trajectories}
+    assert sorted(rounds.values(), key=min) == [{1}, {2}], rounds
+    table = subprocess.run(
+        [sys.executable, "scripts/tabulate_cai.py", str(sweep), "harm/initial/red_team"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.splitlines()
+    assert table[0] == "| run | harm/initial/red_team |"
+    assert {row.split(" | ")[0] for row in table[2:]} == {
+        "| cai.revision_rounds=1",
+        "| cai.revision_rounds=2",
+    }

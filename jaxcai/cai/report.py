@@ -129,3 +129,59 @@ def write_report(run_dir: str | Path, records: dict[str, dict[str, Any]]) -> Pat
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_numbers(run_dir: str | Path) -> dict[str, float]:
+    """A CAI run's headline numbers, flattened: `harm/<policy>/<set>`,
+    `pref/<policy>/<set>` (debiased preference over the initial policy),
+    `reward/<policy>/<set>` (mean score), `feedback/agreement`, `choice/<file>/accuracy`."""
+    run_dir = Path(run_dir)
+    out: dict[str, float] = {}
+    results_file = run_dir / "eval" / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for measure, key, short in (
+        ("harm", "harmful", "harm"),
+        ("preference_vs_initial", "p_first", "pref"),
+        ("reward", "mean", "reward"),
+    ):
+        for policy, per_set in (results.get(measure) or {}).items():
+            for s, numbers in per_set.items():
+                if numbers.get(key) is not None:
+                    out[f"{short}/{policy}/{s}"] = numbers[key]
+    for name, numbers in (results.get("choice") or {}).items():
+        out[f"choice/{name}/accuracy"] = numbers["accuracy"]
+    feedback = run_dir / "feedback" / "stage.json"
+    if feedback.is_file():
+        stats = json.loads(feedback.read_text()).get("stats", {})
+        if stats.get("position_agreement") is not None:
+            out["feedback/agreement"] = stats["position_agreement"]
+        out["feedback/p_chosen"] = stats.get("p_chosen_mean")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def ablation_table(sweep_dir: str | Path, keys: list[str] | None = None) -> str:
+    """A markdown table of a `jaxcai-cai -m ...` sweep: one row per run (the overrides
+    that differ between runs), one column per number of `run_numbers` (or `keys`)."""
+    import yaml
+
+    sweep_dir = Path(sweep_dir)
+    runs = sorted(
+        p.parent for p in sweep_dir.rglob("cai.yaml") if any(p.parent.glob("*/stage.json"))
+    )
+    if not runs:
+        raise FileNotFoundError(f"no jaxcai-cai runs (cai.yaml) below {sweep_dir}")
+    overrides = []
+    for run in runs:
+        path = run / ".hydra" / "overrides.yaml"
+        overrides.append(yaml.safe_load(path.read_text()) if path.is_file() else [])
+    shared = set.intersection(*(set(o) for o in overrides)) if len(runs) > 1 else set()
+    rows = [
+        (" ".join(o for o in own if o not in shared) or run.name, run_numbers(run))
+        for run, own in zip(runs, overrides, strict=True)
+    ]
+    keys = keys or sorted({k for _, numbers in rows for k in numbers})
+    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, numbers in rows:
+        cells = [_fmt(numbers[k]) if k in numbers else "" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

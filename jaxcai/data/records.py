@@ -84,14 +84,16 @@ def describe_counts(counts: Mapping[str, int]) -> str:
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[Path]:
-    """Files named by a path, a glob, or a list of them (sorted, de-duplicated)."""
+    """Files named by a path, a glob, or a list of them (sorted, de-duplicated). An
+    existing file is taken as named even if its path holds glob characters (`[`, `*`)."""
     patterns = [inputs] if isinstance(inputs, str) else list(inputs)
     if not patterns:
         raise DataError("no input files given")
     paths: list[Path] = []
     for pattern in patterns:
         pattern = str(Path(pattern).expanduser())
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        literal = Path(pattern).is_file() or not glob.has_magic(pattern)
+        matches = [pattern] if literal else sorted(glob.glob(pattern))
         if not matches:
             raise DataError(f"no file matches {pattern!r}", reason="missing_file")
         for m in matches:
