@@ -638,6 +638,12 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     run = _Run(cfg, run_dir, tok, load_constitution(cfg.constitution), prompts, sources, mesh)
     wanted = set(cfg.stages)
+    sampling = wanted & {"critique", "feedback", "eval"}
+    if jax.process_count() > 1 and sampling:
+        raise PipelineError(
+            f"stages {sorted(sampling)} sample in one process; run them on one host and hand "
+            "their outputs to a multi-host run of the training stages with inputs.<stage>=PATH"
+        )
     records: dict[str, Any] = {}
     for stage in ("initial", *STAGES):
         record = stage_record(run_dir, stage)
