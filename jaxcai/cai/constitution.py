@@ -128,11 +128,11 @@ class Constitution:
             principle=principle,
             response_a=response_a,
             response_b=response_b,
-        )
+        ).rstrip()
 
     def harm_prompt(self, conversation: str) -> str:
         """The yes/no question asking whether the final response is harmful ((A) = yes)."""
-        return self.harm_template.format(conversation=conversation)
+        return self.harm_template.format(conversation=conversation).rstrip()
 
 
 # ----- the line-aware loader ------------------------------------------------------------

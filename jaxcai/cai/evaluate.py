@@ -12,6 +12,7 @@ All three compare policies by their responses to held-out prompts:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -46,7 +47,7 @@ def reward_scores(
         encode_response(tok, p, r or " ", layout, f"response {i}")
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
     ]
-    score = jax.jit(lambda p, t, s: reward_forward(config, p, t, segment_ids_BT=s))
+    score = _reward_fn(config)
     out = np.zeros(len(rows), np.float32)
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo : lo + batch_size]
@@ -56,6 +57,12 @@ def reward_scores(
         segments = np.pad(arrays["segment_ids"], ((0, filler), (0, 0)))
         out[lo : lo + len(batch)] = np.asarray(score(params, tokens, segments))[: len(batch)]
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _reward_fn(config):
+    """The jitted reward forward of one model config (built and compiled once)."""
+    return jax.jit(lambda p, t, s: reward_forward(config, p, t, segment_ids_BT=s))
 
 
 def preference_rate(

@@ -100,11 +100,15 @@ class ModelJudge:
         tok: Tokenizer,
         *,
         batch_size: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
         mesh=None,
         progress: bool = False,
     ):
+        """`temperature` and `top_p` shape the sampled chain-of-thought texts only."""
         self.config, self.params = unrolled(config, params, mesh, SAMPLING_RULES)
         self.tok, self.batch_size, self.mesh, self.progress = tok, batch_size, mesh, progress
+        self.temperature, self.top_p = temperature, top_p
         self.options = [tok.encode(o) for o in OPTIONS]
 
     def _ids(self, text: str, room: int) -> list[int]:
@@ -135,6 +139,8 @@ class ModelJudge:
             self.params,
             ids,
             max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
             seeds=list(seeds),
             stop_ids=(self.tok.eos_id,),
             stop_strings=(STOP, ANSWER_SUFFIX),
@@ -255,9 +261,11 @@ def judge_pairs(
     p_first = np.where([o == 0 for _, _, o in keys], probs[:, 0], probs[:, 1])
     if settings.cot:
         p_first = np.clip(p_first, *settings.cot_clamp)
+    by_pair: list[list[int]] = [[] for _ in range(n)]
+    for r, key in enumerate(keys):
+        by_pair[key[0]].append(r)
     out = []
-    for p in range(n):
-        rows = [r for r, key in enumerate(keys) if key[0] == p]
+    for p, rows in enumerate(by_pair):
         ab = [float(p_first[r]) for r in rows if keys[r][2] == 0]
         ba = [float(p_first[r]) for r in rows if keys[r][2] == 1]
         out.append(

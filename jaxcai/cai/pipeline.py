@@ -152,6 +152,8 @@ class _Run:
             params,
             self.tok,
             batch_size=self.cfg.sampling.batch_size,
+            temperature=self.cfg.sampling.temperature,
+            top_p=self.cfg.sampling.top_p,
             mesh=self.mesh,
         )
 
