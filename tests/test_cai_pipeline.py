@@ -273,3 +273,20 @@ def test_multirun_ablation_and_its_table(tmp_path):
         "| cai.revision_rounds=1",
         "| cai.revision_rounds=2",
     }
+
+
+@pytest.mark.slow
+def test_readme_main_job(tmp_path):
+    """The README's first command, as written: `jaxcai-cai experiment=cai_smoke`."""
+    proc = subprocess.run(
+        ["jaxcai-cai", "experiment=cai_smoke", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "report at" in proc.stdout
+    for stage in ("initial", "critique", "sft", "feedback", "rm", "dpo", "eval"):
+        assert stage_record(tmp_path, stage) is not None
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["choice"]["choice_smoke.jsonl"]["n"] == 20
