@@ -140,6 +140,8 @@ class TrainerConfig:
     resume: bool = True  # continue from the run directory's latest checkpoint
     nonfinite: str = "stop"  # a NaN/inf loss: stop the run, or skip the update and go on
     export_hf: bool = False  # write the final params as a Hugging Face directory
+    generate_eval: int = 0  # sft: answer this many eval prompts by generation at the end
+    generate_max_new_tokens: int = 128  # (scored with ROUGE-L, BLEU, exact match, token F1)
     peak_tflops: float | None = None  # per device, for MFU; None = known accelerators only
     progress: bool = True
     tensorboard: bool = True
@@ -226,10 +228,22 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
     _check(
         0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio", opt.min_lr_ratio, "must be in [0, 1]"
     )
+    _check(
+        t.generate_max_new_tokens > 0,
+        "trainer.generate_max_new_tokens",
+        t.generate_max_new_tokens,
+        "must be positive",
+    )
+    _check(
+        not t.generate_eval or o.name == "sft",
+        "trainer.generate_eval",
+        t.generate_eval,
+        f"evaluation by generation needs objective sft, not {o.name}",
+    )
     _check(t.nonfinite in NONFINITE, "trainer.nonfinite", t.nonfinite, f"choose one of {NONFINITE}")
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         _check(t[key] > 0, f"trainer.{key}", t[key], "must be positive")
-    for key in ("eval_every", "eval_batches", "checkpoint_every"):
+    for key in ("eval_every", "eval_batches", "checkpoint_every", "generate_eval"):
         _check(t[key] >= 0, f"trainer.{key}", t[key], "must be >= 0")
     _check(
         t.batch_size % t.grad_accum == 0,

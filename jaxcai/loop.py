@@ -24,6 +24,7 @@ from jaxcai import hf, model, sharding
 from jaxcai.checkpoint import Checkpointer, NoCheckpointError
 from jaxcai.config import ConfigError, model_config, validate
 from jaxcai.data.batches import data_shard, eval_index_batches, from_local_rows, global_batch
+from jaxcai.data.builders import decode_record
 from jaxcai.data.pipeline import ArrayRows, repad
 from jaxcai.data.training import TrainData, training_data
 from jaxcai.load import load_model, model_config_of
@@ -224,6 +225,32 @@ def _evaluate(
     }
 
 
+def _generation_eval(
+    mc: ModelConfig, params: Any, data: TrainData, t: DictConfig, mesh, run_dir: Path
+) -> dict[str, float]:
+    """Answer the first `trainer.generate_eval` eval prompts greedily and score them against
+    the references (`eval/gen_*`); the answers go to `generation_eval.jsonl`."""
+    from jaxcai.evals.generation import evaluate_generation
+
+    if jax.process_count() > 1:
+        log.warning("trainer.generate_eval: sampling runs in one process; skipped")
+        return {}
+    records = [decode_record(data.eval[i]) for i in range(min(t.generate_eval, len(data.eval)))]
+    out = evaluate_generation(
+        mc,
+        params,
+        data.tok,
+        records,
+        max_new_tokens=t.generate_max_new_tokens,
+        mesh=mesh,
+        progress=t.progress,
+    )
+    with (run_dir / "generation_eval.jsonl").open("w", encoding="utf-8") as f:
+        for example in out["examples"]:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+    return {f"eval/gen_{k}": v for k, v in out["metrics"].items()}
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train as `cfg` says, writing metrics and checkpoints under `run_dir`."""
     run_dir = Path(run_dir)
@@ -388,6 +415,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             if pending is not None:
                 finish(pending)
             final_eval = _evaluate(jeval, state.params, ref_params, eval_rows, cfg, mesh, rules)
+            if t.generate_eval:
+                final_eval.update(_generation_eval(mc, state.params, data, t, mesh, run_dir))
             metrics_out.write(t.steps, final_eval)
             if t.steps not in ckpt.steps():
                 save(t.steps, force=True)

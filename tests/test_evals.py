@@ -378,3 +378,37 @@ def test_eval_config_errors_name_the_key(override, message):
     check_config(compose([], "eval"))
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose([override], "eval"))
+
+
+def test_sft_training_evaluates_by_generation(tmp_path):
+    """`trainer.generate_eval=N` scores the trained model's greedy answers to N eval
+    prompts; the logged numbers equal `evaluate_generation` on the saved checkpoint."""
+    from jaxcai.config import ConfigError
+    from jaxcai.data.builders import decode_record
+    from jaxcai.data.training import training_data
+    from jaxcai.load import load_model
+    from jaxcai.loop import run
+    from jaxcai.metrics import read_metrics
+
+    overrides = [
+        "experiment=smoke_sft",
+        "trainer.steps=3",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.generate_eval=4",
+        "trainer.generate_max_new_tokens=6",
+    ]
+    run(compose(overrides), tmp_path)
+    logged = read_metrics(tmp_path)[-1]
+    cfg = compose(overrides)
+    tok = load_tokenizer()
+    data = training_data(cfg.data, "sft", tok, cfg.trainer.seed)
+    records = [decode_record(data.eval[i]) for i in range(4)]
+    config, params = load_model(tmp_path)
+    expected = evaluate_generation(config, params, tok, records, max_new_tokens=6)
+    for key, value in expected["metrics"].items():
+        assert logged[f"eval/gen_{key}"] == pytest.approx(value, abs=1e-6)
+    answers = [json.loads(line) for line in (tmp_path / "generation_eval.jsonl").open()]
+    assert [a["prediction"] for a in answers] == [e["prediction"] for e in expected["examples"]]
+    with pytest.raises(ConfigError, match="trainer.generate_eval"):
+        run(compose(["experiment=smoke_dpo", "trainer.generate_eval=2"]), tmp_path / "dpo")

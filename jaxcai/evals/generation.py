@@ -17,22 +17,15 @@ import jax
 
 from jaxcai.evals.text import text_metrics
 from jaxcai.model_config import ModelConfig
-from jaxcai.sample import generate
-from jaxcai.tokenizer import Tokenizer
+from jaxcai.sample import generate, keep_end
+from jaxcai.tokenizer import Tokenizer, answer_context
 
 __all__ = ["STOP", "evaluate_generation", "metrics_markdown", "sampling_prompt"]
 
 STOP = "\n\nHuman:"  # the model starting the next Human turn ends its answer
 
 
-def sampling_prompt(prompt: str) -> str:
-    """The text the model continues: the transcript with an open Assistant turn."""
-    return prompt.rstrip() + "\n\nAssistant:"
-
-
-def _keep_end(ids: list[int], limit: int) -> tuple[list[int], bool]:
-    """The ids cut to `limit` (the first, bos, and the last `limit - 1`), and whether cut."""
-    return (ids, False) if len(ids) <= limit else ([ids[0], *ids[len(ids) - limit + 1 :]], True)
+sampling_prompt = answer_context  # the transcript with an open Assistant turn
 
 
 def evaluate_generation(
@@ -65,9 +58,9 @@ def evaluate_generation(
         )
     ids, truncated = [], 0
     for r in records:
-        kept, cut = _keep_end(tok.encode(sampling_prompt(r["prompt"]), add_bos=True), limit)
-        ids.append(kept)
-        truncated += cut
+        full = tok.encode(answer_context(r["prompt"]), add_bos=True)
+        ids.append(keep_end(full, limit))
+        truncated += len(full) > limit
     out = generate(
         config,
         params,
