@@ -163,3 +163,52 @@ def test_long_contexts_keep_bos_and_their_end(tok, constitution):
         keep_end([2, 5, 6], 1)
     prefix_ids = tok.encode(C.few_shot_prefix(load_constitution("default")), add_bos=True)
     assert len(prefix_ids) > 256 - 8  # so the tiny model's run above must cut contexts
+
+
+LITERAL = """
+name: literal
+critiques:
+  - {name: only, critique: "  Point out harm. ", revision: "Rewrite it safely."}
+preferences:
+  - {name: p, question: "Which is safer?"}
+feedback_template: "{conversation}|{principle}|(A) {response_a}|(B) {response_b}|The answer is:"
+critique_examples:
+  - prompt: "Can I borrow it?"
+    response: "Take it."
+    critique_request: "Point out harm."
+    critique: "It is fine."
+    revision_request: "Rewrite it safely."
+    revision: "Sure, ask first."
+"""
+
+
+def test_exact_critique_and_revision_contexts(monkeypatch, tok, params):
+    """The literal text each step samples from, few-shot block and principle included."""
+    from jaxcai.cai.constitution import parse_constitution
+
+    constitution = parse_constitution(LITERAL)
+    shot = (
+        "\n\nHuman: Can I borrow it?\n\nAssistant: Take it.\n\nHuman: Point out harm."
+        "\n\nAssistant: It is fine.\n\nHuman: Rewrite it safely.\n\nAssistant: Sure, ask first."
+    )
+    assert C.few_shot_prefix(constitution) == shot
+    seen = []
+
+    def fake_generate(config, params, ids, **kwargs):
+        seen.append(tok.decode(ids[0]))
+        text = f"out{len(seen)}"
+        return Generation([[5]], [[-1.0]], ["stop_string"], [f"  {text} "])
+
+    monkeypatch.setattr(C, "generate", fake_generate)
+    config = preset("tiny", max_seq_len=4096)
+    (rec,) = C.critique_and_revise(
+        config, params, tok, constitution, ["\n\nHuman: Where is it?"], rounds=1, few_shot=True
+    )
+    first = shot + "\n\nHuman: Where is it?\n\nAssistant:"
+    assert seen == [
+        first,
+        first + " out1\n\nHuman: Point out harm.\n\nAssistant:",
+        first + " out1\n\nHuman: Point out harm.\n\nAssistant: out2"
+        "\n\nHuman: Rewrite it safely.\n\nAssistant:",
+    ]
+    assert (rec.initial, rec.rounds[0]["critique"], rec.final) == ("out1", "out2", "out3")
