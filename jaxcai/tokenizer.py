@@ -223,6 +223,22 @@ class Tokenizer:
             return self.sp.encode(text, add_bos=add_bos, add_eos=add_eos)
         return self.sp.encode(list(text), add_bos=add_bos, add_eos=add_eos)
 
+    def split_continuation(
+        self, prompt: str, continuation: str, *, add_bos: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, continuation ids) of `prompt + continuation` encoded as one text:
+        the continuation's ids are the ones the model sees after the prompt. (Encoded on
+        its own, " (A)" would gain sentencepiece's leading-space piece and differ.) Where
+        the join merges tokens, the merged ones count as the continuation's."""
+        alone = self.encode(prompt, add_bos=add_bos)
+        joined = self.encode(prompt + continuation, add_bos=add_bos)
+        cut = 0
+        while cut < min(len(alone), len(joined)) and alone[cut] == joined[cut]:
+            cut += 1
+        if cut == len(joined):  # the continuation added no tokens; keep its last one
+            cut -= 1
+        return joined[:cut], joined[cut:]
+
     def decode(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
         """Text of one id list, or a list of texts for a list of id lists."""
         if len(ids) and not isinstance(ids[0], int | np.integer):

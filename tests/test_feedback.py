@@ -399,7 +399,15 @@ def test_model_judge_matches_choose_and_a_forward_pass(tok, tiny, constitution):
     ]
     got = judge(questions)
     assert got.shape == (3, 2)
-    options = [tok.encode(" (A)"), tok.encode(" (B)")]
+    # The ids the options get when the text continues after "The answer is:" (encoded on
+    # its own, " (A)" would gain a second leading-space piece the model never sees there).
+    head = tok.encode(questions[0])
+    options = []
+    for option in (" (A)", " (B)"):
+        full = tok.encode(questions[0] + option)
+        assert full[: len(head)] == head
+        options.append(full[len(head) :])
+    assert options[0] != tok.encode(" (A)")
     room = max(map(len, options))
     ids = [tok.encode(q, add_bos=True) for q in questions]
     limit = config.max_seq_len - room

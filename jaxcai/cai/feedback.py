@@ -15,7 +15,8 @@ normalised probability it gives the ` (A)` vs ` (B)` continuations (`jaxcai.samp
   probabilities are overconfident, so each is clamped to [0.4, 0.6] as in the paper.
 
 The feedback model is any `Judge`: a callable from question texts to `[N, 2]` option
-probabilities. `ModelJudge` asks a language model; tests pass constructed judges.
+probabilities. `ModelJudge` asks a language model (scoring the ids the options get after
+"The answer is:"); tests pass constructed judges.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class ModelJudge:
         self.config, self.params = unrolled(config, params, mesh, SAMPLING_RULES)
         self.tok, self.batch_size, self.mesh, self.progress = tok, batch_size, mesh, progress
         self.temperature, self.top_p = temperature, top_p
-        self.options = [tok.encode(o) for o in OPTIONS]
+        # The ids " (A)" / " (B)" get after "The answer is:" (not encoded on their own).
+        self.options = [tok.split_continuation(ANSWER_SUFFIX, o, add_bos=False)[1] for o in OPTIONS]
 
     def _ids(self, text: str, room: int) -> list[int]:
         return keep_end(self.tok.encode(text, add_bos=True), self.config.max_seq_len - room)

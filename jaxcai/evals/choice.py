@@ -373,25 +373,12 @@ class ChoiceReport:
         return "\n".join(lines)
 
 
-def _split_ids(tok: Tokenizer, prompt: str, option: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, option ids) of the joined text: the option's tokens start at the
-    first token where the joined encoding leaves the prompt's own encoding."""
-    alone = tok.encode(prompt, add_bos=True)
-    joined = tok.encode(prompt + option, add_bos=True)
-    cut = 0
-    while cut < min(len(alone), len(joined)) and alone[cut] == joined[cut]:
-        cut += 1
-    if cut == len(joined):  # the option added no tokens; score its last one at least
-        cut -= 1
-    return joined[:cut], joined[cut:]
-
-
 def encode_options(
     tok: Tokenizer, item: ChoiceItem, max_len: int
 ) -> tuple[list[list[int]], list[list[int]], bool]:
     """(prompt ids, option ids) per option and whether prompts were cut to fit `max_len`
     (they keep their bos and their end; every option gets the same prompt length)."""
-    pairs = [_split_ids(tok, item.prompt, o) for o in item.options]
+    pairs = [tok.split_continuation(item.prompt, o) for o in item.options]
     longest = max(len(p) + len(c) for p, c in pairs)
     excess = longest - 1 - max_len  # score runs len(prompt) + len(option) - 1 positions
     if excess <= 0:
