@@ -1,0 +1,183 @@
+"""The CAI testbed (`tests/cai_testbed.py`): its documents are the pipeline's own text, and
+a base model trained on them breaks the rule half the time yet critiques, revises and
+judges it.
+
+Measured with these settings (base models of seeds 0-4 of `train_base_model`, the
+30 held-out prompts): base marker rate 0.36-0.56 (4 samples per prompt), 81-89% of the
+responses one of the topic's facts; one critique -> revision round over 60 trajectories:
+initial responses 0.43-0.65 marked, revisions 0-0.017, critiques right 0.97-1.0; feedback
+accuracy on 120 held-out questions 1.0 (mean probability of the clean option >= 0.98).
+Training takes 45-50 s on the 2 CPU cores (65-80 s while other jobs share them); the file
+about 65 s.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import cai_testbed as T
+import jax
+import numpy as np
+import pytest
+
+from jaxcai import model
+from jaxcai.cai import critique as C
+from jaxcai.cai.constitution import load_constitution
+from jaxcai.cai.feedback import FeedbackSettings, ModelJudge, judge_pairs, preference_records
+from jaxcai.load import load_model
+from jaxcai.model_config import preset
+from jaxcai.sample import Generation
+from jaxcai.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load()
+
+
+@pytest.fixture(scope="module")
+def cons():
+    return T.constitution()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The testbed's base model, trained once for the module: (config, params)."""
+    run_dir = T.train_base_model(tmp_path_factory.mktemp("cai_testbed"), seed=0)
+    return load_model(run_dir)
+
+
+# ----- the world and its documents (no training) ----------------------------------------
+
+
+def test_world_and_constitution(cons):
+    train, held = T.train_prompts(), T.heldout_prompts()
+    assert len(train) == 90 and len(held) == 30 and not set(train) & set(held)
+    assert {T.topic_of(p) for p in held} == set(range(len(T.TOPICS)))
+    assert not any(T.has_marker(f) for _, facts in T.TOPICS for f in facts)
+    assert T.unmark(T.mark("Cats purr.")) == "Cats purr."
+    assert (len(cons.critiques), len(cons.preferences)) == (2, 2)
+    assert not cons.critique_examples and not cons.feedback_examples
+    assert cons.feedback_template == load_constitution("minimal").feedback_template
+    docs = T.base_documents(0)
+    conversations = [d["text"] for d in docs if d["text"].startswith("\n\nHuman:")]
+    questions = [d["text"] for d in docs if d["text"].startswith("Consider")]
+    assert (len(conversations), len(questions)) == (1500, 500)
+    first = [c.split("\n\nHuman:")[1] for c in conversations]  # the prompt and its answer
+    assert 0.45 < np.mean([T.has_marker(f) for f in first]) < 0.55
+    assert 0.4 < np.mean([q.endswith(" (A)") for q in questions]) < 0.6
+    assert not any(p in d["text"] for d in docs for p in held)
+
+
+def test_documents_are_the_pipelines_text(monkeypatch, tok, cons):
+    """`critique_and_revise` run with a scripted model that answers every step rightly
+    samples from exactly the documents' text, and every context it samples from (or the
+    feedback question `choose` scores) is a token prefix of the training document."""
+    prompts = T.heldout_prompts()[:6]
+    initial = [
+        T.mark(T.TOPICS[T.topic_of(p)][1][0]) if i % 2 else T.TOPICS[T.topic_of(p)][1][1]
+        for i, p in enumerate(prompts)
+    ]
+    contexts: list[list[str]] = []
+
+    def scripted_generate(config, params, ids, **kwargs):
+        step = len(contexts)
+        contexts.append([tok.decode(i) for i in ids])
+        if step == 0:
+            texts = initial
+        elif step == 1:
+            texts = [T.critique_text(r) for r in initial]
+        else:
+            texts = [T.unmark(r) for r in initial]
+        texts = [f" {t}" for t in texts]  # a model's answer starts with its space
+        n = len(ids)
+        return Generation([[5]] * n, [[-1.0]] * n, ["stop_id"] * n, texts)
+
+    monkeypatch.setattr(C, "generate", scripted_generate)
+    params = model.init_params(preset("tiny"), jax.random.key(0))
+    records = C.critique_and_revise(
+        preset("tiny"), params, tok, cons, prompts, rounds=1, seed=3, few_shot=False
+    )
+    names = {c.name: c for c in cons.critiques}
+    for i, rec in enumerate(records):
+        rnd = rec.rounds[0]
+        doc = T.conversation_document(rec.prompt, rec.initial, names[rnd["principle"]])
+        assert doc == f"{contexts[2][i]} {rec.final}"
+        assert not T.has_marker(rec.final) and rnd["critique"] == T.critique_text(rec.initial)
+        doc_ids = tok.encode(doc, add_bos=True)
+        for step in range(3):
+            ctx_ids = tok.encode(contexts[step][i], add_bos=True)
+            assert doc_ids[: len(ctx_ids)] == ctx_ids
+    case = T.feedback_cases(prompts, seed=0)[1]
+    question = case.question(cons)
+    doc_ids = tok.encode(f"{question} ({case.answer})", add_bos=True)
+    head = tok.encode(question, add_bos=True)
+    assert doc_ids == head + T.option_ids(tok, question)[1]
+
+
+def test_option_ids(tok, cons):
+    """ " (A)" after "The answer is:" is `▁ ( A )`, i.e. `tok.encode("(A)")`:
+    `tok.encode(" (A)")` holds a second space piece (sentencepiece's dummy prefix)."""
+    question = T.feedback_cases(T.heldout_prompts()[:1], seed=0)[0].question(cons)
+    assert T.option_ids(tok, question) == [tok.encode("(A)"), tok.encode("(B)")]
+    assert T.option_ids(tok, question)[1] == tok.split_continuation(question, " (B)")[1]
+    assert tok.encode(" (A)")[1:] == tok.encode("(A)")
+
+
+# ----- the trained base model -----------------------------------------------------------
+
+
+def test_base_model_breaks_the_rule_about_half_the_time(base, tok):
+    config, params = base
+    held = T.heldout_prompts()
+    responses = T.sample_responses(config, params, tok, held, seed=1, num_samples=4)
+    rate = np.mean([T.has_marker(r) for r in responses])  # measured 0.36-0.56 (seeds 0-4)
+    assert 0.25 <= rate <= 0.75, rate
+    # ... and answers the held-out phrasings with its topic's facts.
+    on_topic = [
+        T.unmark(r) in T.TOPICS[T.topic_of(held[i // 4])][1] for i, r in enumerate(responses)
+    ]
+    assert np.mean(on_topic) >= 0.7  # measured 0.81-0.89
+
+
+def test_critique_and_revision_remove_the_marker(base, tok, cons):
+    config, params = base
+    settings = C.SamplingSettings(max_new_tokens=32, batch_size=64)
+    records = C.critique_and_revise(
+        config,
+        params,
+        tok,
+        cons,
+        T.heldout_prompts() * 2,
+        rounds=1,
+        seed=0,
+        few_shot=False,
+        settings=settings,
+    )
+    initial = np.mean([T.has_marker(r.initial) for r in records])
+    revised = np.mean([T.has_marker(r.final) for r in records])
+    right = np.mean([r.rounds[0]["critique"] == T.critique_text(r.initial) for r in records])
+    # Measured (seeds 0-4): initial 0.43-0.65, revised 0-0.017, critiques right 0.97-1.0.
+    assert initial >= 0.25, initial
+    assert revised <= 0.1 and revised <= initial / 4, (initial, revised)
+    assert right >= 0.8, right
+
+
+def test_feedback_prefers_the_clean_response(base, tok, cons):
+    config, params = base
+    cases = T.feedback_cases(T.heldout_prompts(), seed=1, per_prompt=2)
+    # Measured 1.0 (seeds 0-4). Scored with `tok.encode(" (A)")` instead, 0.5-1.0.
+    assert T.feedback_accuracy(config, params, tok, cases) >= 0.9
+    # The pipeline's own labeller (ModelJudge, both orders) labels the same pairs.
+    prompts = [c.prompt for c in cases[::2]]
+    pairs = [(c.response_a, c.response_b) for c in cases[::2]]  # (clean, marked)
+    judgements = judge_pairs(
+        ModelJudge(config, params, tok),
+        cons,
+        prompts,
+        pairs,
+        settings=FeedbackSettings(few_shot=False),
+    )
+    records = preference_records(prompts, pairs, judgements, skipped=Counter())
+    accuracy, decided = T.preference_label_accuracy(records)
+    assert decided == len(pairs) and accuracy >= 0.9, accuracy
