@@ -13,6 +13,7 @@ about 65 s.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import cai_testbed as T
@@ -41,10 +42,15 @@ def cons():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The testbed's base model, trained once for the module: (config, params)."""
-    run_dir = T.train_base_model(tmp_path_factory.mktemp("cai_testbed"), seed=0)
-    return load_model(run_dir)
+def base_dir(tmp_path_factory):
+    """The testbed's base model's run directory, trained once for the module."""
+    return T.train_base_model(tmp_path_factory.mktemp("cai_testbed"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(base_dir):
+    """The testbed's base model: (config, params)."""
+    return load_model(base_dir)
 
 
 # ----- the world and its documents (no training) ----------------------------------------
@@ -181,3 +187,97 @@ def test_feedback_prefers_the_clean_response(base, tok, cons):
     records = preference_records(prompts, pairs, judgements, skipped=Counter())
     accuracy, decided = T.preference_label_accuracy(records)
     assert decided == len(pairs) and accuracy >= 0.9, accuracy
+
+
+# ----- the pipeline on the testbed --------------------------------------------------------
+
+
+def _pipeline(tmp_path, base_dir, *extra: str) -> dict:
+    """`jaxcai-cai` on the testbed: its base model as the initial policy (and, by default,
+    the feedback model), its constitution, its 90 training prompts as the red-team set."""
+    from jaxcai.cai.pipeline import run_cai
+    from jaxcai.config import compose
+
+    cons = T.write_constitution(tmp_path / "constitution.yaml")
+    red = T.write_prompts(tmp_path / "red_team.jsonl", T.train_prompts())
+    overrides = [
+        f"policy={base_dir}",
+        f"cai.constitution={cons}",
+        f"prompts.red_team={red}",
+        "prompts.helpful=null",
+        "prompts.eval_fraction=0",
+        "cai.revision_rounds=1",
+        "cai.few_shot=false",
+        "cai.helpful_ratio=0",
+        "feedback.few_shot=false",
+        "sampling.max_new_tokens=32",
+        "sampling.top_p=1.0",
+        "sampling.batch_size=96",
+        "chunk_size=96",
+        "progress=false",
+        "train.data.max_len=128",
+        "++train.trainer.tensorboard=false",
+        "sft.trainer.steps=30",
+        "sft.optimizer.lr=1e-3",
+        "rm.trainer.steps=40",
+        "rm.optimizer.lr=1e-3",
+        "dpo.trainer.steps=30",
+        "dpo.optimizer.lr=1e-3",
+        *[f"++{s}.optimizer.warmup_steps=3" for s in ("sft", "rm", "dpo")],
+        *extra,
+    ]
+    return run_cai(compose(overrides, "cai"), tmp_path / "run")
+
+
+HELD_OUT_SAMPLES = 4  # per held-out prompt: 120 responses per marker rate
+
+
+def test_sl_cai_policy_breaks_the_rule_less(base_dir, base, tok, tmp_path):
+    """critique -> sft: the SL-CAI data's revisions drop the marker and the fine-tuned
+    policy emits it far less often than the base model on held-out prompts.
+    Measured (seed 0): base 0.48, SL-CAI policy 0.017; revisions marked 0 of 90."""
+    records = _pipeline(tmp_path, base_dir, "stages=[critique,sft]")
+    pairs = [json.loads(line) for line in (tmp_path / "run/critique/sft.jsonl").open()]
+    assert len(pairs) == records["critique"]["stats"]["examples"] >= 80
+    assert np.mean([T.has_marker(p["response"]) for p in pairs]) <= 0.05
+    held = T.heldout_prompts()
+    before = T.marker_rate(*base, tok, held, seed=1, num_samples=HELD_OUT_SAMPLES)
+    config, params = load_model(tmp_path / "run" / "sft")
+    after = T.marker_rate(config, params, tok, held, seed=1, num_samples=HELD_OUT_SAMPLES)
+    assert before >= 0.25 and after <= before / 3, (before, after)
+
+
+def test_rl_cai_labels_reward_model_and_dpo_policy(base_dir, base, tok, tmp_path):
+    """feedback -> rm, dpo, from the base model (handed in as the SL-CAI policy, so its
+    pairs often differ in the marker): the AI-feedback labels pick the clean response,
+    the reward model ranks held-out clean responses above marked ones, and the DPO policy
+    emits the marker far less often. Measured (seed 0): 45 of 66 pairs decided, all
+    labelled right; reward-model ranking 60/60; marker rate 0.48 -> 0.058."""
+    from jaxcai.cai.evaluate import reward_scores
+    from jaxcai.data.builders import load
+
+    _pipeline(tmp_path, base_dir, "stages=[feedback,rm,dpo]", f"inputs.sft={base_dir}")
+    records = list(load(tmp_path / "run" / "feedback" / "dataset").records())
+    accuracy, decided = T.preference_label_accuracy(records)
+    assert decided >= 20 and accuracy >= 0.9, (accuracy, decided)
+    for r in records:  # soft labels: confident exactly where the marker decides
+        if T.has_marker(r["chosen"]) != T.has_marker(r["rejected"]):
+            assert r["metadata"]["agreement"] and r["p_chosen"] > 0.9
+
+    held = T.heldout_prompts()
+    prompts, clean, marked = [], [], []
+    for prompt in held:
+        for fact in T.TOPICS[T.topic_of(prompt)][1]:
+            prompts.append(prompt)
+            clean.append(fact)
+            marked.append(T.mark(fact))
+    config, params = load_model(tmp_path / "run" / "rm")
+    right = reward_scores(config, params, tok, prompts, clean) > reward_scores(
+        config, params, tok, prompts, marked
+    )
+    assert right.mean() >= 0.8, right.mean()  # chance is 0.5
+
+    before = T.marker_rate(*base, tok, held, seed=1, num_samples=HELD_OUT_SAMPLES)
+    config, params = load_model(tmp_path / "run" / "dpo")
+    after = T.marker_rate(config, params, tok, held, seed=1, num_samples=HELD_OUT_SAMPLES)
+    assert before >= 0.25 and after <= before / 3, (before, after)

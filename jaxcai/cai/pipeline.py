@@ -638,7 +638,7 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     tok = Tokenizer.load(cfg.tokenizer)
     prompts, sources = _split_prompts(cfg)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
-    run = _Run(cfg, run_dir, tok, load_constitution(cfg.constitution), prompts, sources, mesh)
+    run = _Run(cfg, run_dir, tok, load_constitution(cfg.cai.constitution), prompts, sources, mesh)
     wanted = set(cfg.stages)
     sampling = wanted & {"critique", "feedback", "eval"}
     if jax.process_count() > 1 and sampling:
