@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,6 +51,7 @@ def test_input_pipeline_benchmark_reports_throughput(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_generate_benchmark_reports_throughput(tmp_path):
     result = run_benchmark(
         tmp_path,

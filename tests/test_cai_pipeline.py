@@ -179,6 +179,8 @@ def test_missing_inputs_and_bad_config_values(tmp_path):
         ("cai.sft_rounds=latest", "cai.sft_rounds"),
         ("feedback.prompt_sets=[red_team,jokes]", "feedback.prompt_sets"),
         ("chunk_size=0", "chunk_size"),
+        (f"policy={tmp_path / 'nowhere'}", "policy"),
+        (f"feedback_model={tmp_path}", "feedback_model"),
     ):
         with pytest.raises(ConfigError, match=key):
             run_cai(_cfg(override), tmp_path / "b")

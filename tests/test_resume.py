@@ -91,6 +91,7 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, uninterrupted):
     _resume_and_compare(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_is_exact(tmp_path, uninterrupted):
     _interrupt(tmp_path, signal.SIGKILL, after_records=15)
     assert Checkpointer(tmp_path / "checkpoints").steps()[-1] < 30

@@ -100,7 +100,9 @@ def smoke_run(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", SMOKE)
+@pytest.mark.parametrize(
+    "name", [n if n in ("sft", "dpo") else pytest.param(n, marks=pytest.mark.slow) for n in SMOKE]
+)
 def test_smoke_experiment_end_to_end(smoke_run, name):
     proc, run_dir = smoke_run(name)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -239,7 +239,7 @@ def test_sharded_training_equals_single_device(reference, sharded, run_root, obj
     )
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_two_processes_equal_single_device(reference, run_root, objective):
     """Two processes with 4 devices each (Gloo over 127.0.0.1) share one run directory."""
     run_dir = run_root / "two_processes" / objective
@@ -283,6 +283,7 @@ def test_two_processes_equal_single_device(reference, run_root, objective):
     assert_run_equals_reference(run_dir, run_root / "ref" / ref, objective)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(reference, run_root):
     """3 steps on mesh data=8, then resumed to 5 on fsdp=4 tensor=2: steps 4-5 (and the
     final state) equal an uninterrupted 5-step run on one device."""
