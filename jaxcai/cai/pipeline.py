@@ -51,7 +51,7 @@ from jaxcai.cai.feedback import (
 from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data import builders
 from jaxcai.data.training import open_dataset
-from jaxcai.load import load_model
+from jaxcai.load import load_model, model_config_of
 from jaxcai.sample import SAMPLING_RULES
 from jaxcai.tokenizer import Tokenizer
 
@@ -633,6 +633,12 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_cai(cfg)
+    for key in ("policy", "feedback_model"):  # fail now, not after hours of sampling
+        if cfg[key]:
+            try:
+                model_config_of(cfg[key])
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config {key}={cfg[key]!r}: {e}") from e
     if jax.process_index() == 0:
         (run_dir / "cai.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tok = Tokenizer.load(cfg.tokenizer)
