@@ -101,7 +101,8 @@ def smoke_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", [n if n in ("sft", "rm", "dpo") else pytest.param(n, marks=pytest.mark.slow) for n in SMOKE]
+    "name",
+    [n if n in ("sft", "rm", "dpo") else pytest.param(n, marks=pytest.mark.slow) for n in SMOKE],
 )
 def test_smoke_experiment_end_to_end(smoke_run, name):
     proc, run_dir = smoke_run(name)
