@@ -69,3 +69,39 @@ def test_generate_benchmark_reports_throughput(tmp_path):
     assert result["new_tokens_per_s"] == result["results"][1]["new_tokens_per_s"]
     assert result["ratio_vs_transformers"] > 0 and result["peak_rss_mb"] > 0
     assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+@pytest.mark.parametrize(
+    "objective, extra, sequences, forwards",
+    [("sft", [], 1, 0), ("dpo", ["objective.reference=model"], 2, 1)],
+)
+def test_train_step_benchmark_counts_tokens_and_flops(
+    tmp_path, objective, extra, sequences, forwards
+):
+    """tokens/s counts both sequences of a pair; model FLOPs are `flops_per_token` per
+    token plus one forward (a third) for an in-step reference; MFU is against the
+    matmul peak measured in the same run."""
+    from jaxcai.model_config import flops_per_token, preset
+
+    result = run_benchmark(
+        tmp_path,
+        "-m",
+        "benchmarks.train_step",
+        f"objective={objective}",
+        *extra,
+        "model=tiny",
+        "batch_size=2",
+        "seq_len=32",
+        "prompt_len=8",
+        "steps=1",
+        "warmup=0",
+        "matmul_size=256",
+    )
+    assert result["objective"] == objective and result["peak_rss_mb"] > 0
+    step_tokens = 2 * sequences * 32
+    assert result["tokens_per_s"] == pytest.approx(step_tokens / result["step_s"], rel=1e-2)
+    per_token = flops_per_token(preset("tiny"), 32) * (1 + forwards / 3)
+    flops = result["tokens_per_s"] * per_token
+    assert result["model_tflops_per_s"] == pytest.approx(flops / 1e12, rel=1e-2, abs=1e-4)
+    assert result["mfu"] == pytest.approx(flops / (result["measured_peak_tflops"] * 1e12), rel=2e-2)
+    assert json.loads((tmp_path / "result.json").read_text()) == result

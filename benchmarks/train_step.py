@@ -1,0 +1,176 @@
+"""Train-step throughput: `python -m benchmarks.train_step objective=<sft|rm|dpo>`.
+
+Times the jitted, donated train step (`jaxcai.train.make_train_step`, the step
+`jaxcai-train` runs) on random batches of the reference workload (`bench_ref`:
+SFT 8 x 512 with 128-token prompts; DPO/RM 8 pairs x 512) and reports:
+
+- tokens/s (pairs count both sequences: pair-tokens/s) and model FLOP/s, counting
+  `flops_per_token` (forward + backward) per trained token, plus one forward per token
+  for an in-step DPO reference (`reference=model`);
+- MFU against the *measured* peak: the rate of a jitted `matmul_size`^2 matmul in the
+  model's compute dtype on the same device, in the same run (and against the published
+  peak where the device has one);
+- peak host RSS and, where the backend reports it, peak device memory.
+
+Prints a markdown table to the log and one JSON line last (also `result.json` in the
+Hydra run directory) holding `tokens_per_s`, `mfu` and `peak_rss_mb`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from jaxcai import model, sharding
+from jaxcai.config import ConfigError, compose, model_config
+from jaxcai.data.batches import from_local_rows
+from jaxcai.metrics import peak_flops_per_device, peak_rss_mb
+from jaxcai.model_config import flops_per_token, param_count
+from jaxcai.train import init_train_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("sft", "rm", "dpo")
+
+
+def measured_peak_flops(dtype: str, size: int, repeats: int = 5) -> float:
+    """FLOP/s of a jitted `size x size` matmul in `dtype` on the first device (best of
+    `repeats`): the attainable peak the MFU is measured against."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sequences(rng: np.random.Generator, n: int, length: int, prompt: int, vocab: int):
+    ids = rng.integers(4, vocab, (n, length + 1)).astype(np.int32)
+    mask = np.zeros((n, length), np.int32)
+    mask[:, max(prompt - 1, 0) :] = 1
+    return {
+        "tokens": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "mask": mask,
+        "segment_ids": np.ones((n, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy(),
+    }
+
+
+def random_batch(cfg: DictConfig, objective: str, reference: str | None, vocab: int) -> dict:
+    """This process's rows of one synthetic batch, laid out as the data pipeline's."""
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.batch_size
+    if objective == "sft":
+        rows = _sequences(rng, n, cfg.seq_len, cfg.prompt_len, vocab)
+    else:
+        rows = {
+            side: _sequences(rng, n, cfg.seq_len, cfg.prompt_len, vocab)
+            for side in ("chosen", "rejected")
+        }
+        rows["p_chosen"] = np.ones(n, np.float32)
+        if reference == "precompute":
+            rows["ref_chosen_logps"] = rng.normal(-900, 10, n).astype(np.float32)
+            rows["ref_rejected_logps"] = rng.normal(-900, 10, n).astype(np.float32)
+    rows["weight"] = np.ones(n, np.float32)
+    return rows
+
+
+@hydra.main(config_path="../configs", config_name="bench_train_step", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    name = cfg.objective.name
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config objective={name!r}: choose one of {OBJECTIVES}")
+    config = model_config(cfg.model)
+    oc = compose([f"objective={name}"]).objective  # the typed defaults, then ours
+    for key, value in cfg.objective.items():
+        oc[key] = value
+    reference = oc.reference if name == "dpo" else None
+    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+    rules = sharding.DEFAULT_RULES
+    head = "reward" if name == "rm" else "lm"
+    optimizer = make_optimizer(compose().optimizer, cfg.warmup + cfg.steps + 1)
+    with sharding.use_mesh(mesh, rules):
+        params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, rules, head=head)
+        ref = None
+        if reference == "model":
+            ref = jax.tree_util.tree_map(jnp.copy, params)
+        state = jax.jit(lambda p: init_train_state(p, optimizer, cfg.seed))(params)
+        del params
+        rows = random_batch(cfg, name, reference, config.vocab_size)
+        batch = from_local_rows(rows, cfg.batch_size, 1, mesh)
+        step = jax.jit(make_train_step(config, oc, optimizer), donate_argnums=0)
+        start = time.perf_counter()
+        state, metrics = step(state, batch, ref)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - start
+        for _ in range(cfg.warmup):
+            state, metrics = step(state, batch, ref)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(cfg.steps):
+            state, metrics = step(state, batch, ref)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / cfg.steps
+    sequences = cfg.batch_size * (1 if name == "sft" else 2)
+    tokens_per_s = sequences * cfg.seq_len / seconds
+    per_token = flops_per_token(config, cfg.seq_len)
+    if ref is not None:
+        per_token += flops_per_token(config, cfg.seq_len) / 3  # the reference's forward
+    flops_per_s = tokens_per_s * per_token
+    measured = measured_peak_flops(config.dtype, cfg.matmul_size) * jax.device_count()
+    published = peak_flops_per_device()
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {
+        "benchmark": "train_step",
+        "objective": name,
+        "reference": reference,
+        "model": cfg.model.get("name", "custom"),
+        "params": param_count(config),
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "dtype": config.dtype,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "compile_s": round(compile_s, 2),
+        "step_s": round(seconds, 6),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "model_tflops_per_s": round(flops_per_s / 1e12, 4),
+        "measured_peak_tflops": round(measured / 1e12, 4),
+        "mfu": round(flops_per_s / measured, 4),
+        "mfu_published_peak": (
+            round(flops_per_s / (published * jax.device_count()), 4) if published else None
+        ),
+        "loss": float(metrics["loss"]),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_device_mb": (
+            round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None
+        ),
+    }
+    keys = ("objective", "tokens_per_s", "model_tflops_per_s", "measured_peak_tflops", "mfu")
+    log.info("| %s |", " | ".join(keys))
+    log.info("|%s", "---|" * len(keys))
+    log.info("| %s |", " | ".join(str(result[k]) for k in keys))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
