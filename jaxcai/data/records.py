@@ -32,16 +32,19 @@ import glob
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jaxcai.tokenizer import ConversationError, parse_conversation
+
+T = TypeVar("T")
 
 __all__ = [
     "FORMATS",
     "KINDS",
     "DataError",
+    "read_lines",
     "conversation_text",
     "describe_counts",
     "expand_inputs",
@@ -225,6 +228,32 @@ def _parse_line(
     return record
 
 
+def read_lines(
+    path: Path, parse: Callable[[str, str], T], skipped: collections.Counter | None = None
+) -> Iterator[T]:
+    """`parse(line, "file:line")` of each non-blank line of `path`. A line that is not
+    UTF-8, or that `parse` rejects with a `DataError`, raises; with a `skipped` counter it
+    is counted by reason and left out instead (a missing file always raises)."""
+    with path.open("rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{where}: not UTF-8 text ({e.reason} at byte {e.start})",
+                        reason="encoding",
+                    ) from None
+                yield parse(line, where)
+            except DataError as e:
+                if skipped is None or e.reason == "missing_file":
+                    raise
+                skipped[e.reason] += 1
+
+
 def read_records(
     inputs: str | Sequence[str],
     kind: str,
@@ -246,21 +275,6 @@ def read_records(
         raise DataError("format=hh holds conversations; use kind=prompts, sft or preference")
     fields = dict(fields or {})
     for path in expand_inputs(inputs):
-        with path.open("rb") as f:
-            for line_no, raw_line in enumerate(f, start=1):
-                if not raw_line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    try:
-                        line = raw_line.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise DataError(
-                            f"{where}: not UTF-8 text ({e.reason} at byte {e.start})",
-                            reason="encoding",
-                        ) from None
-                    yield _parse_line(line, kind, fmt, fields, where)
-                except DataError as e:
-                    if skipped is None or e.reason == "missing_file":
-                        raise
-                    skipped[e.reason] += 1
+        yield from read_lines(
+            path, lambda line, where: _parse_line(line, kind, fmt, fields, where), skipped
+        )

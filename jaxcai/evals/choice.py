@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcai.data.records import DataError, expand_inputs
+from jaxcai.data.records import DataError, expand_inputs, read_lines
 from jaxcai.model_config import ModelConfig
 from jaxcai.sample import score
 from jaxcai.tokenizer import Tokenizer
@@ -149,25 +149,7 @@ def read_choice_file(
     path = Path(path).expanduser()
     if not path.is_file():
         raise ChoiceDataError(f"choice file not found: {path}", "missing_file")
-    items = []
-    with path.open("rb") as f:
-        for line_no, raw_line in enumerate(f, start=1):
-            if not raw_line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                try:
-                    line = raw_line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ChoiceDataError(
-                        f"{where}: not UTF-8 text ({e.reason})", "encoding"
-                    ) from None
-                items.append(_parse(line, where))
-            except ChoiceDataError as e:
-                if skipped is None:
-                    raise
-                skipped[e.reason] += 1
-    return items
+    return list(read_lines(path, _parse, skipped))
 
 
 def choice_files(spec: str | Sequence[str]) -> list[Path]:

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import jax
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai import model, sharding
-from jaxcai.config import CONFIG_DIR, ConfigError, model_config
+from jaxcai import sharding
+from jaxcai.config import CONFIG_DIR, ConfigError
 from jaxcai.data.records import DataError, describe_counts
 from jaxcai.data.training import open_dataset
 from jaxcai.evals import choice, generation
-from jaxcai.load import load_model
+from jaxcai.main import language_model
 from jaxcai.sample import SAMPLING_RULES
 from jaxcai.tokenizer import Tokenizer
 
@@ -84,20 +83,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(f"jaxcai-eval: {e}")
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     with sharding.use_mesh(mesh, SAMPLING_RULES):
-        if cfg.checkpoint:
-            config, params = load_model(
-                cfg.checkpoint, mesh=mesh, rules=SAMPLING_RULES, progress=cfg.progress
-            )
-        else:
-            config = model_config(cfg.model)
-            params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, SAMPLING_RULES)
-        if tok.vocab_size > config.vocab_size:
-            sys.exit(
-                f"jaxcai-eval: tokenizer {tok.source} has {tok.vocab_size} pieces but the "
-                f"model only {config.vocab_size} embeddings"
-            )
-        if "reward_kernel" in params:
-            sys.exit(f"jaxcai-eval: {cfg.checkpoint} is a reward model; it cannot score text")
+        config, params = language_model(cfg, mesh, tok, "jaxcai-eval", "score text")
         common = dict(batch_size=cfg.batch_size, mesh=mesh, progress=cfg.progress)
         if cfg.task == "choice":
             report = choice.evaluate_choices(

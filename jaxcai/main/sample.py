@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 
 import hydra
-import jax
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai import model, sharding
-from jaxcai.config import CONFIG_DIR, model_config
+from jaxcai import sharding
+from jaxcai.config import CONFIG_DIR
 from jaxcai.data.builders import load as load_dataset
 from jaxcai.data.records import DataError
 from jaxcai.data.training import open_dataset
-from jaxcai.load import load_model
+from jaxcai.main import language_model
 from jaxcai.model_config import param_count
 from jaxcai.sample import SAMPLING_RULES, generate
 from jaxcai.tokenizer import Tokenizer
@@ -51,20 +50,7 @@ def main(cfg: DictConfig) -> None:
     except DataError as e:
         sys.exit(f"jaxcai-sample: {e}")
     with sharding.use_mesh(mesh, SAMPLING_RULES):
-        if cfg.checkpoint:
-            config, params = load_model(
-                cfg.checkpoint, mesh=mesh, rules=SAMPLING_RULES, progress=cfg.progress
-            )
-        else:
-            config = model_config(cfg.model)
-            params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, SAMPLING_RULES)
-        if tokenizer.vocab_size > config.vocab_size:
-            sys.exit(
-                f"jaxcai-sample: tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces "
-                f"but the model only {config.vocab_size} embeddings"
-            )
-        if "reward_kernel" in params:
-            sys.exit(f"jaxcai-sample: {cfg.checkpoint} is a reward model; it cannot generate")
+        config, params = language_model(cfg, mesh, tokenizer, "jaxcai-sample", "generate")
         ids = [tokenizer.encode(t + "\n\nAssistant:", add_bos=True) for t in texts]
         out = generate(
             config,
