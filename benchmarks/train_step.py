@@ -12,14 +12,27 @@ SFT 8 x 512 with 128-token prompts; DPO/RM 8 pairs x 512) and reports:
   peak where the device has one);
 - peak host RSS and, where the backend reports it, peak device memory.
 
+With `compare_hf=true` (needs the `bench` or `test` extra: transformers and torch) the
+same workload also runs as a torch training step on CPU (`benchmarks.hf_train`): the
+initial weights saved with `jaxcai.hf.save_pretrained` and loaded with `transformers`,
+the same batch, the same loss in plain torch, backward, AdamW with the same schedule;
+timed like the jaxcai step (a first step, `warmup` untimed steps, the mean of `steps`).
+It adds `hf_tokens_per_s` and `ratio` = `tokens_per_s / hf_tokens_per_s` (above 1:
+jaxcai is faster), and torch's losses beside jaxcai's (`hf_first_loss` before any
+update, `hf_loss` after the last step: equal to `first_loss` and `loss` up to float32
+rounding).
+
 Prints a markdown table to the log and one JSON line last (also `result.json` in the
 Hydra run directory) holding `tokens_per_s`, `mfu` and `peak_rss_mb`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +48,7 @@ from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data.batches import from_local_rows
 from jaxcai.metrics import peak_flops_per_device, peak_rss_mb
 from jaxcai.model_config import flops_per_token, param_count
-from jaxcai.train import init_train_state, make_optimizer, make_train_step
+from jaxcai.train import init_train_state, make_optimizer, make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +102,55 @@ def random_batch(cfg: DictConfig, objective: str, reference: str | None, vocab: 
     return rows
 
 
+def save_for_transformers(cfg: DictConfig, config, params, objective: str) -> Path | None:
+    """With `compare_hf`, the initial weights as a Hugging Face checkpoint in a temporary
+    directory (saved before the donated jaxcai steps consume them); else None."""
+    if not cfg.compare_hf:
+        return None
+    from benchmarks import hf_train
+
+    path = Path(tempfile.mkdtemp(prefix="jaxcai-bench-train-hf-"))
+    hf_train.save_weights(path, config, params, objective)
+    return path
+
+
+def time_transformers(
+    cfg: DictConfig, oc: DictConfig, path: Path, rows: dict, tokens: int, tokens_per_s: float
+) -> dict:
+    """The torch step's figures on the same workload, and `ratio` = jaxcai's tokens/s over
+    torch's; `tokens` is the number trained per step. Removes the checkpoint at `path`."""
+    from benchmarks import hf_train
+
+    try:
+        timing = hf_train.run(path, oc, compose().optimizer, rows, cfg.warmup, cfg.steps)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    hf_tokens_per_s = tokens / timing["step_s"]
+    return {
+        "hf_device": "cpu",
+        "hf_first_step_s": round(timing["first_s"], 4),
+        "hf_step_s": round(timing["step_s"], 6),
+        "hf_tokens_per_s": round(hf_tokens_per_s, 1),
+        "ratio": round(tokens_per_s / hf_tokens_per_s, 4),
+        "hf_first_loss": timing["first_loss"],
+        "hf_loss": timing["loss"],
+    }
+
+
 @hydra.main(config_path="../configs", config_name="bench_train_step", version_base=None)
 def main(cfg: DictConfig) -> dict:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from benchmarks import scaling  # `+devices=N`: rerun as a subprocess on N CPU devices
+
+    if (relaunched := scaling.relaunch_with_devices(cfg)) is not None:
+        return relaunched
     name = cfg.objective.name
     if name not in OBJECTIVES:
         raise ConfigError(f"config objective={name!r}: choose one of {OBJECTIVES}")
+    if cfg.compare_hf:
+        from benchmarks import hf_train
+
+        hf_train.require_torch()  # fail before the jaxcai half runs
     config = model_config(cfg.model)
     oc = compose([f"objective={name}"]).objective  # the typed defaults, then ours
     for key, value in cfg.objective.items():
@@ -106,26 +162,45 @@ def main(cfg: DictConfig) -> dict:
     optimizer = make_optimizer(compose().optimizer, cfg.warmup + cfg.steps + 1)
     with sharding.use_mesh(mesh, rules):
         params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, rules, head=head)
+        hf_dir = save_for_transformers(cfg, config, params, name)
         ref = None
         if reference == "model":
             ref = jax.tree_util.tree_map(jnp.copy, params)
-        state = jax.jit(lambda p: init_train_state(p, optimizer, cfg.seed))(params)
+        init = lambda p: init_train_state(p, optimizer, cfg.seed)
+        # The state keeps one layout across steps (as in jaxcai-train), so the step
+        # compiles once: moments sharded like their params, the rest replicated.
+        state_sh = state_shardings(
+            jax.eval_shape(init, params),
+            model.param_shardings(config, mesh, rules, head=head),
+            mesh,
+        )
+        state = jax.jit(init, out_shardings=state_sh)(params)
         del params
         rows = random_batch(cfg, name, reference, config.vocab_size)
         batch = from_local_rows(rows, cfg.batch_size, 1, mesh)
-        step = jax.jit(make_train_step(config, oc, optimizer), donate_argnums=0)
+        step = jax.jit(
+            make_train_step(config, oc, optimizer),
+            in_shardings=(state_sh, None, None),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
         start = time.perf_counter()
         state, metrics = step(state, batch, ref)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - start
+        first_loss = float(metrics["loss"])
         for _ in range(cfg.warmup):
             state, metrics = step(state, batch, ref)
         jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            state, metrics = step(state, batch, ref)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / cfg.steps
+        trace = Path(HydraConfig.get().runtime.output_dir) / "trace" if cfg.profile else None
+        with jax.profiler.trace(str(trace)) if trace else contextlib.nullcontext():
+            start = time.perf_counter()
+            for _ in range(cfg.steps):
+                state, metrics = step(state, batch, ref)
+            jax.block_until_ready(metrics)
+            seconds = (time.perf_counter() - start) / cfg.steps
+        if trace:
+            log.info("profile of the timed steps: %s (open with TensorBoard or Perfetto)", trace)
     sequences = cfg.batch_size * (1 if name == "sft" else 2)
     tokens_per_s = sequences * cfg.seq_len / seconds
     per_token = flops_per_token(config, cfg.seq_len)
@@ -156,6 +231,7 @@ def main(cfg: DictConfig) -> dict:
         "mfu_published_peak": (
             round(flops_per_s / (published * jax.device_count()), 4) if published else None
         ),
+        "first_loss": first_loss,
         "loss": float(metrics["loss"]),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_device_mb": (
@@ -163,6 +239,10 @@ def main(cfg: DictConfig) -> dict:
         ),
     }
     keys = ("objective", "tokens_per_s", "model_tflops_per_s", "measured_peak_tflops", "mfu")
+    if hf_dir is not None:
+        step_tokens = sequences * cfg.seq_len
+        result |= time_transformers(cfg, oc, hf_dir, rows, step_tokens, tokens_per_s)
+        keys += ("hf_tokens_per_s", "ratio")
     log.info("| %s |", " | ".join(keys))
     log.info("|%s", "---|" * len(keys))
     log.info("| %s |", " | ".join(str(result[k]) for k in keys))

@@ -53,7 +53,7 @@ def _mutable_schema(
 
 ModelConfigSchema = _mutable_schema(
     ModelConfig,
-    {"rope_scaling": "Any"},  # checked by from_dict
+    {"rope_scaling": "Any", "lora_targets": "Any"},  # checked by from_dict
     {"name": ("str", "custom")},
 )
 MeshConfigSchema = _mutable_schema(MeshConfig)
@@ -148,6 +148,14 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass
+class AotConfig:
+    """`jaxcai-aot` only: the target the step is compiled for (`jaxcai.aot`)."""
+
+    devices: int | None = None  # compile for this many CPU devices (a pod stand-in)
+    device_memory_gb: float = 80.0  # per-device capacity the report compares the peak with
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: Any = dataclasses.field(default_factory=ModelConfigSchema)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
@@ -157,6 +165,7 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     rules: list[list[Any]] | None = None  # logical->mesh rules; None = DEFAULT_RULES
+    aot: AotConfig = dataclasses.field(default_factory=AotConfig)
 
 
 def register() -> None:

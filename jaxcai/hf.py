@@ -392,9 +392,13 @@ def save_pretrained(
     Tensors are converted one at a time and written in shards of at most
     `max_shard_bytes` (with `model.safetensors.index.json` when there is more than one).
     `dtype` (default: `config.param_dtype`) is the stored dtype. In a multi-host run every
-    process must call this; only process 0 writes.
+    process must call this; only process 0 writes. LoRA adapters are merged into the
+    kernels they adapt (`lora.merge`), so the directory holds a plain model.
     """
+    from jaxcai import lora
+
     path = Path(path)
+    config, params = lora.merge(config, params)  # LoRA adapters fold into their kernels
     dtype = np.dtype(jax.numpy.dtype(dtype or config.param_dtype))
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
         dtype.name

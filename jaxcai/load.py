@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from omegaconf import OmegaConf
 
-from jaxcai import hf, model
+from jaxcai import hf, lora, model
 from jaxcai.checkpoint import Checkpointer
 from jaxcai.config import model_config
 from jaxcai.model_config import ModelConfig
@@ -52,7 +52,7 @@ def model_config_of(path: str | os.PathLike, **numerics: Any) -> ModelConfig:
         return hf.config_from_hf(values, source=str(path / "config.json"), **numerics)
     run_dir, _ = _run_dir(path)
     config = model_config(OmegaConf.load(run_dir / "config.yaml").model)
-    return config.replace(**numerics) if numerics else config
+    return lora.merge(config.replace(**numerics), {})[0]  # load_model merges adapters
 
 
 def load_model(
@@ -67,7 +67,8 @@ def load_model(
     """`(ModelConfig, params)` from a Hugging Face directory or a jaxcai run.
 
     `numerics` override config fields that do not change the weights (`dtype`,
-    `param_dtype`, `attention_impl`, ...). A reward model's run gives reward params."""
+    `param_dtype`, `attention_impl`, ...). A reward model's run gives reward params; a
+    LoRA run's adapters come merged into the base weights (`lora.merge`)."""
     path = Path(path).expanduser()
     if (path / "config.json").is_file():
         return hf.load_pretrained(path, mesh=mesh, rules=rules, progress=progress, **numerics)
@@ -91,4 +92,4 @@ def load_model(
         _, params = ckpt.restore_params(abstract, step if step is not None else path_step)
     finally:
         ckpt.close()
-    return config, params
+    return lora.merge(config, params)

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from jaxcai import hf, model, sharding
+from jaxcai import hf, lora, model, sharding
 from jaxcai.checkpoint import Checkpointer, NoCheckpointError
 from jaxcai.config import ConfigError, model_config, validate
 from jaxcai.data.batches import data_shard, eval_index_batches, from_local_rows, global_batch
@@ -33,20 +33,28 @@ from jaxcai.model_config import ModelConfig, flops_per_token
 from jaxcai.tokenizer import Tokenizer
 from jaxcai.train import (
     COUNT_METRICS,
-    TrainState,
     init_train_state,
     make_eval_step,
     make_optimizer,
     make_schedule,
     make_train_step,
     reference_logps,
+    state_shardings,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainingError", "run"]
 
-NUMERIC_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
+NUMERIC_FIELDS = (
+    "param_dtype",
+    "dtype",
+    "scan_layers",
+    "remat_policy",
+    "logits_chunk",
+    "attention_impl",
+)
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # adapters on loaded weights
 
 
 class TrainingError(RuntimeError):
@@ -91,9 +99,17 @@ def _model_and_params(cfg: DictConfig, mesh, rules) -> tuple[ModelConfig, Any]:
                 f"config trainer.init_from={cfg.trainer.init_from!r} is a reward model; "
                 f"objective {cfg.objective.name} needs a language model"
             )
-        return mc, params
+        mc = mc.replace(**_lora_fields(cfg))
+        shardings = model.param_shardings(mc, mesh, rules, head=head)
+        return mc, lora.add_adapters(mc, params, jax.random.fold_in(seed, 1), shardings)
     mc = model_config(cfg.model)
     return mc, model.init_sharded(mc, seed, mesh, rules, head=head)
+
+
+def _lora_fields(cfg: DictConfig) -> dict[str, Any]:
+    lora_cfg = {k: cfg.model[k] for k in LORA_FIELDS}
+    lora_cfg["lora_targets"] = tuple(lora_cfg["lora_targets"])
+    return lora_cfg
 
 
 def _adopt_init_model(cfg: DictConfig) -> None:
@@ -108,28 +124,7 @@ def _adopt_init_model(cfg: DictConfig) -> None:
     except FileNotFoundError as e:
         raise ConfigError(f"config trainer.init_from={cfg.trainer.init_from!r}: {e}") from e
     name = cfg.model.get("name", "custom")
-    cfg.model = {**mc.to_dict(), "name": name}
-
-
-def _state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
-    """Shardings for the whole state: optimizer moments follow the parameter they track
-    (matched on the trailing dict keys of their path), everything else is replicated."""
-    by_path = {
-        tuple(k.key for k in path): s
-        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        keys = []
-        for entry in reversed(path):
-            if not isinstance(entry, jax.tree_util.DictKey):
-                break
-            keys.insert(0, entry.key)
-        sharding = by_path.get(tuple(keys))
-        return sharding if sharding is not None and len(keys) else replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract)
+    cfg.model = {**mc.replace(**_lora_fields(cfg)).to_dict(), "name": name}
 
 
 def _reference(
@@ -285,7 +280,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         schedule = make_schedule(cfg.optimizer, t.steps)
         head = "reward" if cfg.objective.name == "rm" else "lm"
         abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, t.seed), params)
-        state_sh = _state_shardings(
+        state_sh = state_shardings(
             abstract, model.param_shardings(mc, mesh, rules, head=head), mesh
         )
         state = jax.jit(

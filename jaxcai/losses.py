@@ -18,10 +18,13 @@ import jax.numpy as jnp
 
 __all__ = [
     "DPO_LOSSES",
+    "chunked_token_logps",
     "dpo_loss",
     "reward_loss",
     "sequence_logps",
+    "sequence_logps_from_logps",
     "sft_loss",
+    "sft_loss_from_logps",
     "token_logps",
 ]
 
@@ -69,21 +72,64 @@ def token_logps(logits_BTV: Array, targets_BT: Array) -> Array:
     return jnp.take_along_axis(logps_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def chunked_token_logps(
+    hidden_BTD: Array, head_DV: Array, targets_BT: Array, chunk: int
+) -> tuple[Array, Array]:
+    """`token_logps(hidden @ head, targets)` and whether each target is the argmax [B, T],
+    computed `chunk` positions at a time so that the full `[B, T, V]` logits never exist.
+
+    Each chunk's logits (matmul in the hidden dtype, accumulated in float32) live only
+    inside a rematerialised scan step: the backward pass recomputes them chunk by chunk,
+    so peak memory holds one `[B, chunk, V]` float32 block instead of the whole batch's
+    logits, their log-softmax and their gradient.
+    """
+    B, T, _ = hidden_BTD.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    h_NBCD = hidden_BTD.reshape(B, n, chunk, -1).swapaxes(0, 1)
+    y_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.int32)
+    head_DV = head_DV.astype(hidden_BTD.dtype)
+
+    @jax.checkpoint
+    def one(h_BCD: Array, y_BC: Array) -> tuple[Array, Array]:
+        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, head_DV, preferred_element_type=jnp.float32)
+        target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
+        logps_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+        return logps_BC, jnp.argmax(logits_BCV, axis=-1) == y_BC
+
+    logps_NBC, correct_NBC = jax.lax.map(lambda hy: one(*hy), (h_NBCD, y_NBC))
+    unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return unchunk(logps_NBC), unchunk(correct_NBC)
+
+
 def sequence_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array) -> tuple[Array, Array]:
     """Per-sequence sum of token log-probs over `mask_BT` [B], and masked-in counts [B] (f32)."""
-    logps_BT = token_logps(logits_BTV, targets_BT)
+    return sequence_logps_from_logps(token_logps(logits_BTV, targets_BT), mask_BT)
+
+
+def sequence_logps_from_logps(logps_BT: Array, mask_BT: Array) -> tuple[Array, Array]:
+    """`sequence_logps` from token log-probs [B, T] already gathered."""
     mask_BT = _mask(mask_BT, logps_BT)
     return _masked_sum(logps_BT, mask_BT, axis=-1), jnp.sum(mask_BT, -1, dtype=jnp.float32)
 
 
 def sft_loss(logits_BTV: Array, targets_BT: Array, mask_BT: Array) -> tuple[Array, Metrics]:
     """Mean cross entropy over masked-in tokens, and {"loss", "accuracy", "tokens"}."""
-    logps_BT = token_logps(logits_BTV, targets_BT)
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return sft_loss_from_logps(token_logps(logits_BTV, targets_BT), correct_BT, mask_BT)
+
+
+def sft_loss_from_logps(
+    logps_BT: Array, correct_BT: Array, mask_BT: Array
+) -> tuple[Array, Metrics]:
+    """`sft_loss` from token log-probs [B, T] and argmax hits [B, T] (`chunked_token_logps`)."""
     mask_BT = _mask(mask_BT, logps_BT)
     tokens = _count(mask_BT)
     denom = jnp.maximum(tokens, 1.0)
     loss = -_masked_sum(logps_BT, mask_BT) / denom
-    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     accuracy = _masked_sum(correct_BT.astype(jnp.float32), mask_BT) / denom
     return loss, {"loss": loss, "accuracy": accuracy, "tokens": tokens}
 

@@ -42,6 +42,8 @@ __all__ = [
     "ModelConfig",
     "flops_per_token",
     "forward",
+    "forward_hidden",
+    "lm_head",
     "forward_with_cache",
     "init_cache",
     "prefill",
@@ -111,6 +113,37 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Arra
 # ----- layers -------------------------------------------------------------------------
 
 
+def _project(
+    module: nn.Module,
+    name: str,
+    x: Array,
+    dims: str,
+    shape: tuple[int, ...],
+    names: tuple[str, ...],
+) -> Array:
+    """`x @ {name}_kernel` in the compute dtype; `dims` = "in,out" letters of the kernel
+    (e.g. "d,nh": x is [B, T, D], the kernel [D, N, H]). When `name` is a LoRA target, adds
+    (alpha / r) * (x @ A) @ B with adapters `{name}_lora_a` [in..., r] (random) and
+    `{name}_lora_b` [r, out...] (zeros, so a fresh adapter leaves the model unchanged)."""
+    c: ModelConfig = module.config
+    dt = c.jnp_dtype
+    ins, outs = dims.split(",")
+    kernel = _param(module, f"{name}_kernel", shape, names)
+    y = jnp.einsum(f"bt{ins},{ins}{outs}->bt{outs}", x, kernel.astype(dt))
+    if not c.lora_rank or name not in c.lora_targets:
+        return y
+    r, n_in = c.lora_rank, len(ins)
+    fan_in = math.prod(shape[:n_in])
+    a_init = nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+    a = _param(module, f"{name}_lora_a", (*shape[:n_in], r), (*names[:n_in], None), a_init)
+    b = _param(
+        module, f"{name}_lora_b", (r, *shape[n_in:]), (None, *names[n_in:]), nn.initializers.zeros
+    )
+    xa = jnp.einsum(f"bt{ins},{ins}r->btr", x, a.astype(dt))
+    delta = jnp.einsum(f"btr,r{outs}->bt{outs}", xa, b.astype(dt))
+    return y + (c.lora_alpha / r) * delta
+
+
 class RMSNorm(nn.Module):
     config: ModelConfig
 
@@ -139,13 +172,9 @@ class Attention(nn.Module):
         (keys, values), which the caller writes into the cache."""
         c = self.config
         D, N, K, H, dt = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.jnp_dtype
-        wq = _param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"))
-        wk = _param(self, "k_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"))
-        q = jnp.einsum("btd,dnh->btnh", x_BTD, wq.astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_BTD, wk.astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_BTD, wv.astype(dt))
+        q = _project(self, "q", x_BTD, "d,nh", (D, N, H), ("embed", "heads", "head_dim"))
+        k = _project(self, "k", x_BTD, "d,kh", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        v = _project(self, "v", x_BTD, "d,kh", (D, K, H), ("embed", "kv_heads", "head_dim"))
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dt)
@@ -165,7 +194,7 @@ class Attention(nn.Module):
         else:
             out = _attend_with_cache(q, k, v, *cache, mask_B1TS, 1.0 / math.sqrt(H))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+        y = _project(self, "o", out, "nh,d", (N, H, D), ("heads", "head_dim", "embed"))
         if c.out_bias:
             y = y + _param(self, "o_bias", (D,), ("embed",), nn.initializers.zeros).astype(dt)
         return constrain(y, ("batch", "length", "embed")), (k, v)
@@ -211,22 +240,13 @@ class MLP(nn.Module):
         c = self.config
         dt = c.jnp_dtype
         zeros = nn.initializers.zeros
-        gate = jnp.einsum(
-            "btd,df->btf",
-            x_BTD,
-            _param(self, "gate_kernel", (c.d_model, c.d_ff), ("embed", "mlp")).astype(dt),
-        )
-        up = jnp.einsum(
-            "btd,df->btf",
-            x_BTD,
-            _param(self, "up_kernel", (c.d_model, c.d_ff), ("embed", "mlp")).astype(dt),
-        )
+        gate = _project(self, "gate", x_BTD, "d,f", (c.d_model, c.d_ff), ("embed", "mlp"))
+        up = _project(self, "up", x_BTD, "d,f", (c.d_model, c.d_ff), ("embed", "mlp"))
         if c.mlp_bias:
             gate = gate + _param(self, "gate_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
             up = up + _param(self, "up_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
         h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        wd = _param(self, "down_kernel", (c.d_ff, c.d_model), ("mlp", "embed"))
-        y = jnp.einsum("btf,fd->btd", h, wd.astype(dt))
+        y = _project(self, "down", h, "f,d", (c.d_ff, c.d_model), ("mlp", "embed"))
         if c.mlp_bias:
             y = y + _param(self, "down_bias", (c.d_model,), ("embed",), zeros).astype(dt)
         return constrain(y, ("batch", "length", "embed"))
@@ -315,6 +335,8 @@ class Decoder(nn.Module):
             )
         x = RMSNorm(c, name="final_norm")(x)
 
+        if self.head == "hidden":
+            return x, new_kv
         if self.head == "reward":
             w_D = _param(self, "reward_kernel", (c.d_model,), ("embed",))
             b = _param(self, "reward_bias", (), (), nn.initializers.zeros)
@@ -457,6 +479,27 @@ def forward(
     mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
     logits, _ = Decoder(config, "lm").apply({"params": params}, tokens_BT, positions_BT, mask)
     return logits
+
+
+def forward_hidden(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> Array:
+    """The final-normed hidden states [B, T, D] that `forward` multiplies by `lm_head`."""
+    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+    slots_T = jnp.arange(tokens_BT.shape[1])
+    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    hidden, _ = Decoder(config, "hidden").apply({"params": params}, tokens_BT, positions_BT, mask)
+    return hidden
+
+
+def lm_head(config: ModelConfig, params: Params) -> Array:
+    """The output projection [D, V] (the transposed embedding when tied)."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
 
 
 def reward_forward(

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -57,6 +58,14 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Training losses compute logits this many positions at a time (0: all at once), so
+    # the full [batch, length, vocab] float32 logits are never materialised.
+    logits_chunk: int = 0
+    # LoRA (Hu et al. 2021): rank-`lora_rank` adapters on the `lora_targets` projections,
+    # scaled by lora_alpha / lora_rank; 0 disables. With adapters, only they are trained.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     attention_impl: str | None = None  # None lets JAX pick (cuDNN flash attention on GPU)
 
     def __post_init__(self) -> None:
@@ -84,6 +93,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}"
             )
+        if isinstance(self.lora_targets, str) or not isinstance(self.lora_targets, tuple):
+            targets = (
+                (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+            )
+            object.__setattr__(self, "lora_targets", tuple(targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or (self.lora_rank and not self.lora_targets):
+            raise ValueError(
+                f"ModelConfig.lora_targets={list(self.lora_targets)}: choose a non-empty "
+                f"subset of {list(LORA_TARGETS)}"
+            )
+        if self.logits_chunk < 0:
+            raise ValueError(f"ModelConfig.logits_chunk must be >= 0, got {self.logits_chunk}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"ModelConfig.attention_impl={self.attention_impl!r}; "

@@ -17,10 +17,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxcai import lora
 from jaxcai.config import ObjectiveConfig, OptimizerConfig
-from jaxcai.losses import dpo_loss, reward_loss, sequence_logps, sft_loss
-from jaxcai.model import Params, forward, reward_forward
+from jaxcai.losses import (
+    chunked_token_logps,
+    dpo_loss,
+    reward_loss,
+    sequence_logps_from_logps,
+    sft_loss_from_logps,
+    token_logps,
+)
+from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward
 from jaxcai.model_config import ModelConfig
 
 __all__ = [
@@ -31,6 +40,7 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "reference_logps",
+    "state_shardings",
 ]
 
 Batch = dict[str, Any]
@@ -86,12 +96,36 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
 def init_train_state(
     params: Params, optimizer: optax.GradientTransformation, seed: int
 ) -> TrainState:
+    """Step 0. The optimizer tracks the trainable params only (the LoRA adapters when
+    `params` hold any, `lora.split`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(lora.split(params)[0]),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
+
+
+def state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
+    """Shardings for the whole state: optimizer moments follow the parameter they track
+    (matched on the trailing dict keys of their path), everything else is replicated.
+    `abstract` is the state (or its `jax.eval_shape`)."""
+    by_path = {
+        tuple(k.key for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry.key)
+        sharding = by_path.get(tuple(keys))
+        return sharding if sharding is not None and len(keys) else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
 # ----- objectives -----------------------------------------------------------------------
@@ -119,6 +153,18 @@ def _soft_label(oc: ObjectiveConfig, batch: Batch) -> jax.Array | None:
     return batch["p_chosen"] if oc.soft_labels else None
 
 
+def _token_logps(
+    mc: ModelConfig, params: Params, inputs: dict, targets_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Token log-probs of `targets_BT` and argmax hits [B, T]: from the full logits, or
+    `mc.logits_chunk` positions at a time (`losses.chunked_token_logps`)."""
+    if mc.logits_chunk:
+        hidden = forward_hidden(mc, params, **inputs)
+        return chunked_token_logps(hidden, lm_head(mc, params), targets_BT, mc.logits_chunk)
+    logits = forward(mc, params, **inputs)
+    return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
+
+
 def lm_objective(
     mc: ModelConfig,
     oc: ObjectiveConfig,
@@ -127,8 +173,8 @@ def lm_objective(
     ref_params: Params | None = None,
 ):
     """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
-    logits = forward(mc, params, **_inputs(batch))
-    loss, metrics = sft_loss(logits, batch["targets"], batch["mask"])
+    logps, correct = _token_logps(mc, params, _inputs(batch), batch["targets"])
+    loss, metrics = sft_loss_from_logps(logps, correct, batch["mask"])
     return loss, metrics["tokens"], metrics
 
 
@@ -157,8 +203,8 @@ def rm_objective(
 
 
 def _pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logits = forward(mc, params, **_inputs(batch, pair=True))
-    return sequence_logps(logits, _pair(batch, "targets"), _pair(batch, "mask"))
+    logps, _ = _token_logps(mc, params, _inputs(batch, pair=True), _pair(batch, "targets"))
+    return sequence_logps_from_logps(logps, _pair(batch, "mask"))
 
 
 def dpo_objective(
@@ -216,10 +262,13 @@ def _accumulate(
     batch: Batch,
     ref_params: Params | None,
     with_grads: bool,
+    frozen: Params | None = None,
 ):
-    """Sum `loss * weight`, weighted metrics (and gradients) over the accumulation axis."""
+    """Sum `loss * weight`, weighted metrics (and gradients of `params`) over the
+    accumulation axis; `frozen` params (LoRA's base weights) join them without gradients."""
 
     def weighted(p, micro):
+        p = lora.combine(p, frozen) if frozen else p
         loss, weight, metrics = objective(mc, oc, p, micro, ref_params)
         return loss * weight, (weight, metrics)
 
@@ -272,10 +321,11 @@ def make_train_step(
     objective = OBJECTIVES[oc.name]
 
     def step(state: TrainState, batch: Batch, ref_params: Params | None = None):
-        metrics, grads = _accumulate(objective, mc, oc, state.params, batch, ref_params, True)
+        trainable, frozen = lora.split(state.params)
+        metrics, grads = _accumulate(objective, mc, oc, trainable, batch, ref_params, True, frozen)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params = lora.combine(optax.apply_updates(trainable, updates), frozen)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new = TrainState(
             step=state.step + 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -25,6 +26,13 @@ def run_benchmark(tmp_path: Path, *command: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def benchmark_module(name: str):
+    """`benchmarks.<name>`, imported from the repository (not an installed package)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_forward_benchmark_reports_throughput(tmp_path):
@@ -105,3 +113,64 @@ def test_train_step_benchmark_counts_tokens_and_flops(
     assert result["model_tflops_per_s"] == pytest.approx(flops / 1e12, rel=1e-2, abs=1e-4)
     assert result["mfu"] == pytest.approx(flops / (result["measured_peak_tflops"] * 1e12), rel=2e-2)
     assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_train_step_benchmark_compares_with_transformers(tmp_path, objective):
+    """`compare_hf=true` times the same step in torch: positive torch tokens/s, `ratio`
+    is jaxcai's tokens/s over torch's, and both sides start from the same loss."""
+    result = run_benchmark(
+        tmp_path,
+        "-m",
+        "benchmarks.train_step",
+        f"objective={objective}",
+        "compare_hf=true",
+        "model=tiny",
+        "seq_len=32",
+        "prompt_len=8",
+        "batch_size=2",
+        "steps=1",
+        "warmup=0",
+        "matmul_size=256",
+    )
+    assert result["hf_tokens_per_s"] > 0 and result["hf_device"] == "cpu"
+    expected = result["tokens_per_s"] / result["hf_tokens_per_s"]
+    assert result["ratio"] == pytest.approx(expected, rel=1e-3)
+    assert result["hf_first_loss"] == pytest.approx(result["first_loss"], abs=1e-4)
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+@pytest.mark.parametrize(
+    "objective, reference",
+    [("sft", None), ("dpo", "precompute"), ("dpo", "model"), ("rm", None)],
+)
+def test_torch_loss_matches_jaxcai_before_any_update(tmp_path, objective, reference):
+    """The torch side computes jaxcai's loss: same weights, same batch, same value."""
+    import jax
+    import jax.numpy as jnp
+    from omegaconf import OmegaConf
+
+    from jaxcai.config import compose, model_config
+    from jaxcai.model import init_params
+    from jaxcai.train import make_eval_step
+
+    hf_train = benchmark_module("hf_train")
+    train_step = benchmark_module("train_step")
+    config = model_config(compose(["model=tiny"]).model)
+    oc = compose([f"objective={objective}"]).objective
+    if reference:
+        oc.reference = reference
+    head = "reward" if objective == "rm" else "lm"
+    params = init_params(config, jax.random.key(3), head=head)
+    shape = OmegaConf.create(dict(seed=5, batch_size=2, seq_len=32, prompt_len=8))
+    rows = train_step.random_batch(shape, objective, reference, config.vocab_size)
+
+    batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], rows)  # one micro-batch
+    ref = params if reference == "model" else None
+    jax_loss = float(make_eval_step(config, oc)(params, batch, ref)["loss"])
+
+    hf_train.save_weights(tmp_path, config, params, objective)
+    model = hf_train.load_model(tmp_path, oc)
+    ref_model = hf_train.frozen_copy(model) if reference == "model" else None
+    torch_loss = hf_train.torch_loss(oc, model, hf_train.torch_batch(rows), ref_model)
+    assert torch_loss.item() == pytest.approx(jax_loss, abs=1e-4)

@@ -3,6 +3,7 @@ losses, schedules, config validation and the `jaxcai-train` smoke experiments.""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -496,3 +498,31 @@ def test_reward_model_starts_from_a_language_model_checkpoint(tmp_path):
     np.testing.assert_allclose(
         restored["layers"]["mlp"]["up_kernel"], lm["layers"]["mlp"]["up_kernel"], atol=1e-6
     )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_logits_give_the_same_step(rng, tied):
+    """`logits_chunk` changes how the loss is computed, not what: the same metrics and
+    gradients for sft and dpo (in-step reference) as with full logits."""
+    mc = model_config(compose(["model.n_layers=1"]).model).replace(tie_embeddings=tied)
+    params = model.init_params(mc, jax.random.key(1))
+    sft = _sft_batch(rng, 2, 2, 12, mc.vocab_size)
+    rows = lambda sl: {k: v[:, sl] for k, v in sft.items() if k != "weight"}
+    dpo = {"chosen": rows(slice(0, 1)), "rejected": rows(slice(1, 2))}
+    dpo["weight"] = jnp.ones((2, 1), jnp.float32)
+    ref = model.init_params(mc, jax.random.key(2))
+    for oc, batch in ((ObjectiveConfig(name="sft"), sft), (ObjectiveConfig(name="dpo"), dpo)):
+        results = []
+        for chunk in (0, 5):
+            step = functools.partial(
+                T._accumulate, T.OBJECTIVES[oc.name], mc.replace(logits_chunk=chunk), oc
+            )
+            results.append(jax.jit(lambda p, b, s=step: s(p, b, ref, True))(params, batch))
+        (m_full, g_full), (m_chunk, g_chunk) = results
+        assert m_full.keys() == m_chunk.keys()
+        for k in m_full:
+            np.testing.assert_allclose(m_chunk[k], m_full[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        leaves = jax.tree_util.tree_leaves
+        for a, b in zip(leaves(g_full), leaves(g_chunk), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+        assert float(optax.global_norm(g_full)) > 0

@@ -40,7 +40,8 @@ def _logical(ndim: int) -> tuple[str | None, ...]:
     return (None, "batch", "length", *[None] * max(0, ndim - 3))[:ndim]
 
 
-def _sharding(shape: tuple[int, ...], mesh: Mesh, rules: Rules):
+def batch_sharding(shape: tuple[int, ...], mesh: Mesh, rules: Rules):
+    """How a `[A, B/A, T, ...]` batch leaf is laid out: rows over the batch axes."""
     return named_sharding(_logical(len(shape)), mesh, rules, shape)
 
 
@@ -52,7 +53,7 @@ def data_shard(
     Processes whose devices hold the same rows get the same index (and read the same data).
     """
     shape = (grad_accum, batch_size // grad_accum, 1)
-    index_map = _sharding(shape, mesh, rules).addressable_devices_indices_map(shape)
+    index_map = batch_sharding(shape, mesh, rules).addressable_devices_indices_map(shape)
     rows = sorted({idx[1].indices(shape[1])[:2] for idx in index_map.values()})
     start, stop = rows[0][0], rows[-1][1]
     if any(b[0] != a[1] for a, b in zip(rows, rows[1:], strict=False)):
@@ -74,7 +75,7 @@ def from_local_rows(
     def leaf(x: np.ndarray) -> jax.Array:
         part = x.reshape(grad_accum, -1, *x.shape[1:])
         full = (grad_accum, batch_size // grad_accum, *part.shape[2:])
-        return jax.make_array_from_process_local_data(_sharding(full, mesh, rules), part, full)
+        return jax.make_array_from_process_local_data(batch_sharding(full, mesh, rules), part, full)
 
     return jax.tree_util.tree_map(leaf, local)
 
@@ -90,7 +91,7 @@ def global_batch(
 
     def leaf(path, like: np.ndarray):
         full = (*index_AM.shape, *like.shape[2:])
-        sharding = _sharding(full, mesh, rules)
+        sharding = batch_sharding(full, mesh, rules)
 
         def fetch(idx):
             key = repr(idx[:2])
