@@ -69,12 +69,16 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def _param(
-    module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init: Any = _init
+    module: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    names: tuple[str | None, ...],
+    init: Any = _init,
+    dtype: Any = None,
 ) -> Array:
     config: ModelConfig = module.config
-    return module.param(
-        name, nn.with_logical_partitioning(init, names), shape, config.jnp_param_dtype
-    )
+    dtype = config.jnp_param_dtype if dtype is None else dtype
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
 # ----- rotary embeddings --------------------------------------------------------------
@@ -123,7 +127,7 @@ def _project(
 ) -> Array:
     """`x @ {name}_kernel` in the compute dtype; `dims` = "in,out" letters of the kernel
     (e.g. "d,nh": x is [B, T, D], the kernel [D, N, H]). When `name` is a LoRA target, adds
-    (alpha / r) * (x @ A) @ B with adapters `{name}_lora_a` [in..., r] (random) and
+    (alpha / r) * (x @ A) @ B with float32 adapters `{name}_lora_a` [in..., r] (random) and
     `{name}_lora_b` [r, out...] (zeros, so a fresh adapter leaves the model unchanged)."""
     c: ModelConfig = module.config
     dt = c.jnp_dtype
@@ -135,9 +139,11 @@ def _project(
     r, n_in = c.lora_rank, len(ins)
     fan_in = math.prod(shape[:n_in])
     a_init = nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
-    a = _param(module, f"{name}_lora_a", (*shape[:n_in], r), (*names[:n_in], None), a_init)
+    # Adapters are trained, so they keep float32 master weights even over a bf16 base.
+    a_names, b_names = (*names[:n_in], None), (None, *names[n_in:])
+    a = _param(module, f"{name}_lora_a", (*shape[:n_in], r), a_names, a_init, jnp.float32)
     b = _param(
-        module, f"{name}_lora_b", (r, *shape[n_in:]), (None, *names[n_in:]), nn.initializers.zeros
+        module, f"{name}_lora_b", (r, *shape[n_in:]), b_names, nn.initializers.zeros, jnp.float32
     )
     xa = jnp.einsum(f"bt{ins},{ins}r->btr", x, a.astype(dt))
     delta = jnp.einsum(f"btr,r{outs}->bt{outs}", xa, b.astype(dt))

@@ -325,17 +325,20 @@ def make_train_step(
         metrics, grads = _accumulate(objective, mc, oc, trainable, batch, ref_params, True, frozen)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-        params = lora.combine(optax.apply_updates(trainable, updates), frozen)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new = TrainState(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            rng=jax.random.key_data(
-                jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-            ),
+        rng = jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         )
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        # What a step changes, kept as it was when the step is not finite. Frozen params
+        # (LoRA's base weights) are outside the select, so they are never copied.
+        changed = (state.step + 1, optax.apply_updates(trainable, updates), opt_state, rng)
+        before = (state.step, trainable, state.opt_state, state.rng)
+        step_, trainable, opt_state, rng = jax.tree_util.tree_map(
+            lambda a, b: jnp.where(finite, a, b), changed, before
+        )
+        new = TrainState(
+            step=step_, params=lora.combine(trainable, frozen), opt_state=opt_state, rng=rng
+        )
         metrics["grad_norm"] = grad_norm
         metrics["nonfinite"] = (~finite).astype(jnp.int32)
         if schedule is not None:

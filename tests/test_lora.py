@@ -194,3 +194,20 @@ def test_lora_run_trains_exports_merged_and_loads_merged(tmp_path):
         ref = hf_model(input_ids=torch.tensor(tokens)).logits.float().numpy()
     ours = model.forward(config, merged, jnp.asarray(tokens))
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_adapters_keep_float32_masters_over_a_bf16_base():
+    c = BASE.replace(param_dtype="bfloat16", dtype="bfloat16", lora_rank=2)
+    flat = _flat(model.param_shapes(c))
+    assert flat["layers/attn/q_kernel"].dtype == jnp.bfloat16
+    assert flat["layers/attn/q_lora_a"].dtype == jnp.float32
+    assert flat["layers/mlp/up_lora_b"].dtype == jnp.float32
+    params = _randomise_b(model.init_params(c, jax.random.key(0)))
+    merged_config, merged = lora.merge(c, params)
+    assert _flat(merged)["layers/attn/q_kernel"].dtype == jnp.bfloat16
+    tokens = _tokens()
+    np.testing.assert_allclose(
+        model.forward(merged_config, merged, tokens).astype(np.float32),
+        model.forward(c, params, tokens).astype(np.float32),
+        atol=0.1,  # bf16 compute and a bf16-rounded merged kernel
+    )
