@@ -227,8 +227,6 @@ def markdown_table(rows: list[dict]) -> str:
 def main(cfg: DictConfig) -> list[dict]:
     devices = sorted({int(n) for n in cfg.devices})
     check_devices(devices, int(cfg.batch_size))
-    if cfg.warmup < 1:
-        log.warning("warmup=0: timed steps may include a recompile (fsdp compiles twice)")
     hydra_cfg = HydraConfig.get()
     overrides = sweep_overrides(cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task))
     out_dir = Path(hydra_cfg.runtime.output_dir)
