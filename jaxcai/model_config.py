@@ -197,9 +197,12 @@ class ModelConfig:
     @classmethod
     def bench_ref(cls, **overrides: Any) -> ModelConfig:
         """The benchmarks' fixed reference workload: Llama architecture, vocab 8192, hidden
-        512, 8 layers, 8 heads / 4 KV heads, MLP 1408, float32 (32.0M parameters)."""
+        512, 8 layers, 8 heads / 4 KV heads, MLP 1408, float32 (32.0M parameters); trained
+        with full remat and 128-position logit chunks (benchmarks/README.md)."""
         return cls(
             **{
+                "remat_policy": "full",
+                "logits_chunk": 128,
                 "vocab_size": 8192,
                 "d_model": 512,
                 "n_layers": 8,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The issue-7 GPU figures in one go (H100/H200): bf16 compute, the Llama-3.2-1B shape with
+# random weights, sequence 2048. Each program's last JSON line goes to $OUT/<name>.json.
+#   OUT=gpu-results bash benchmarks/gpu.sh
+# Then record the figures, with the date and the device, in benchmarks/README.md.
+set -euo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+one_b="model=llama3.2-1b model.dtype=bfloat16 model.param_dtype=float32"
+run() {
+  local name=$1; shift
+  echo "== $name: $*"
+  python "$@" hydra.run.dir="$OUT/$name" 2>&1 | tee "$OUT/$name.log" | tail -1 > "$OUT/$name.json"
+  cat "$OUT/$name.json"
+}
+# SFT step MFU (target >= 55% of the published bf16 peak) and DPO/RM steps.
+run sft -m benchmarks.train_step objective=sft $one_b seq_len=2048 prompt_len=256 \
+  batch_size=8 model.remat_policy=dots_no_batch model.logits_chunk=512 matmul_size=8192
+run dpo -m benchmarks.train_step objective=dpo $one_b seq_len=2048 prompt_len=256 \
+  batch_size=4 model.remat_policy=dots_no_batch model.logits_chunk=512 matmul_size=8192
+run rm -m benchmarks.train_step objective=rm $one_b seq_len=2048 prompt_len=256 \
+  batch_size=4 model.remat_policy=dots_no_batch matmul_size=8192
+# Decode at batch 1 against the HBM-bandwidth bound (target >= 70%).
+run generate -m benchmarks.generate $one_b model.param_dtype=bfloat16 batch_sizes=[1,8] \
+  headline_batch=1 prompt_len=128 new_tokens=256 compare_hf=false
+# The compiled memory of an 8B LoRA DPO step on this device, next to the CPU plan.
+run aot_8b_lora -m jaxcai.main.aot model=llama3.1-8b objective=dpo data=preferences \
+  data.max_len=2048 trainer.batch_size=8 trainer.grad_accum=8 model.dtype=bfloat16 \
+  model.param_dtype=bfloat16 model.lora_rank=16 model.remat_policy=full model.logits_chunk=512
