@@ -38,7 +38,9 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> tu
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
 
 
-@pytest.mark.parametrize("layout, multirun", [("data", False), ("fsdp", True)])
+@pytest.mark.parametrize(
+    "layout, multirun", [("data", False), pytest.param("fsdp", True, marks=pytest.mark.slow)]
+)
 def test_scaling_sweep_runs_each_device_count(tmp_path, layout, multirun):
     """Rows for 1 and 2 devices, each from a train_step run that saw that many devices
     with the layout's mesh; the fsdp case goes through Hydra multirun (`-m`)."""
