@@ -30,6 +30,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from benchmarks.common import run_fields
 from jaxcai import hf, model, sharding
 from jaxcai.config import model_config
 from jaxcai.metrics import peak_rss_mb
@@ -141,12 +142,7 @@ def main(cfg: DictConfig) -> None:
     headline = next((r for r in rows if r["batch"] == cfg.headline_batch), rows[-1])
     result = {
         "benchmark": "generate",
-        "model": cfg.model.get("name", "custom"),
-        "params": param_count(config),
-        "platform": jax.devices()[0].platform,
-        "device_kind": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
-        "dtype": config.dtype,
+        **run_fields(cfg, config),
         "results": rows,
         "new_tokens_per_s": headline["new_tokens_per_s"],
         "ratio_vs_transformers": headline.get("ratio_vs_transformers"),

@@ -43,11 +43,12 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from benchmarks.common import run_fields
 from jaxcai import model, sharding
 from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data.batches import from_local_rows
 from jaxcai.metrics import peak_flops_per_device, peak_rss_mb
-from jaxcai.model_config import flops_per_token, param_count
+from jaxcai.model_config import flops_per_token
 from jaxcai.train import init_train_state, make_optimizer, make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
@@ -214,12 +215,7 @@ def main(cfg: DictConfig) -> dict:
         "benchmark": "train_step",
         "objective": name,
         "reference": reference,
-        "model": cfg.model.get("name", "custom"),
-        "params": param_count(config),
-        "platform": jax.devices()[0].platform,
-        "device_kind": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
-        "dtype": config.dtype,
+        **run_fields(cfg, config),
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
         "compile_s": round(compile_s, 2),

@@ -45,15 +45,15 @@ MB = 1024**2
 
 def run_model_config(cfg: DictConfig) -> ModelConfig:
     """The model a run of `cfg` trains: `trainer.init_from`'s architecture when it names
-    an existing model (with `cfg.model`'s numerics and LoRA), else `cfg.model`."""
-    from jaxcai.load import model_config_of
-    from jaxcai.loop import LORA_FIELDS, NUMERIC_FIELDS
+    an existing model (with `cfg.model`'s numerics and LoRA, as `jaxcai-train` adopts it),
+    else `cfg.model`. A preset's mandatory `init_from: ???` is not needed to compile."""
+    from jaxcai.loop import adopt_init_model
 
-    mc = model_config(cfg.model)
     if OmegaConf.is_missing(cfg.trainer, "init_from") or not cfg.trainer.init_from:
-        return mc
-    keep = {k: getattr(mc, k) for k in (*NUMERIC_FIELDS, *LORA_FIELDS)}
-    return model_config_of(cfg.trainer.init_from).replace(**keep)
+        return model_config(cfg.model)
+    cfg = cfg.copy()  # adopting rewrites `model`; the caller's config stays as it was
+    adopt_init_model(cfg)
+    return model_config(cfg.model)
 
 
 def abstract_batch(cfg: DictConfig, mesh, rules) -> dict[str, Any]:

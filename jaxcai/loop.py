@@ -44,7 +44,7 @@ from jaxcai.train import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingError", "run"]
+__all__ = ["TrainingError", "adopt_init_model", "run"]
 
 NUMERIC_FIELDS = (
     "param_dtype",
@@ -107,12 +107,10 @@ def _model_and_params(cfg: DictConfig, mesh, rules) -> tuple[ModelConfig, Any]:
 
 
 def _lora_fields(cfg: DictConfig) -> dict[str, Any]:
-    lora_cfg = {k: cfg.model[k] for k in LORA_FIELDS}
-    lora_cfg["lora_targets"] = tuple(lora_cfg["lora_targets"])
-    return lora_cfg
+    return {k: cfg.model[k] for k in LORA_FIELDS}
 
 
-def _adopt_init_model(cfg: DictConfig) -> None:
+def adopt_init_model(cfg: DictConfig) -> None:
     """With `trainer.init_from`, make `cfg.model` the checkpoint's architecture (keeping
     the numerics chosen in `cfg.model`), so validation and the run's `config.yaml` describe
     the model actually trained."""
@@ -251,7 +249,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     initialize_distributed(cfg.distributed)
-    _adopt_init_model(cfg)
+    adopt_init_model(cfg)
     validate(cfg, jax.device_count())
     t = cfg.trainer
     tok = Tokenizer.load(cfg.data.tokenizer)

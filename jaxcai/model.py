@@ -467,6 +467,23 @@ def init_sharded(
     return jax.jit(lambda r: init_params(config, r, head=head), out_shardings=shardings)(rng)
 
 
+def _run(
+    config: ModelConfig,
+    params: Params,
+    head: str,
+    tokens_BT: Array,
+    segment_ids_BT: Array | None,
+    positions_BT: Array | None,
+) -> tuple[Array, Array]:
+    """The decoder with `head` over a whole batch (causal, same-segment attention), and
+    the segment ids it used (defaults filled in)."""
+    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
+    slots_T = jnp.arange(tokens_BT.shape[1])
+    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    out, _ = Decoder(config, head).apply({"params": params}, tokens_BT, positions_BT, mask)
+    return out, segment_ids_BT
+
+
 def forward(
     config: ModelConfig,
     params: Params,
@@ -480,11 +497,7 @@ def forward(
     `segment_ids_BT` (default all ones) keeps packed examples apart, 0 marks padding;
     `positions_BT` defaults to the index of each token within its segment.
     """
-    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
-    slots_T = jnp.arange(tokens_BT.shape[1])
-    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
-    logits, _ = Decoder(config, "lm").apply({"params": params}, tokens_BT, positions_BT, mask)
-    return logits
+    return _run(config, params, "lm", tokens_BT, segment_ids_BT, positions_BT)[0]
 
 
 def forward_hidden(
@@ -496,11 +509,7 @@ def forward_hidden(
     positions_BT: Array | None = None,
 ) -> Array:
     """The final-normed hidden states [B, T, D] that `forward` multiplies by `lm_head`."""
-    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
-    slots_T = jnp.arange(tokens_BT.shape[1])
-    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
-    hidden, _ = Decoder(config, "hidden").apply({"params": params}, tokens_BT, positions_BT, mask)
-    return hidden
+    return _run(config, params, "hidden", tokens_BT, segment_ids_BT, positions_BT)[0]
 
 
 def lm_head(config: ModelConfig, params: Params) -> Array:
@@ -521,12 +530,10 @@ def reward_forward(
     `params` come from `init_params(config, rng, head="reward")` (or a language model's
     params with the head swapped by `to_reward_params`).
     """
-    segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
-    slots_T = jnp.arange(tokens_BT.shape[1])
-    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
-    scores_BT, _ = Decoder(config, "reward").apply(
-        {"params": params}, tokens_BT, positions_BT, mask
+    scores_BT, segment_ids_BT = _run(
+        config, params, "reward", tokens_BT, segment_ids_BT, positions_BT
     )
+    slots_T = jnp.arange(tokens_BT.shape[1])
     last_B = jnp.max(jnp.where(segment_ids_BT != 0, slots_T, -1), axis=1)
     last_B = jnp.maximum(last_B, 0)  # an all-padding row reads slot 0 rather than wrapping
     return jnp.take_along_axis(scores_BT, last_B[:, None], axis=1)[:, 0]

@@ -93,11 +93,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}"
             )
-        if isinstance(self.lora_targets, str) or not isinstance(self.lora_targets, tuple):
-            targets = (
-                (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
-            )
-            object.__setattr__(self, "lora_targets", tuple(targets))
+        targets = self.lora_targets  # a YAML list or a single name -> a hashable tuple
+        object.__setattr__(
+            self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets)
+        )
         if self.lora_rank < 0:
             raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))

@@ -10,7 +10,7 @@ import time
 import hydra
 import jax
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from jaxcai import sharding
 from jaxcai.config import CONFIG_DIR, ConfigError, register
@@ -31,8 +31,6 @@ def report(cfg: DictConfig) -> dict:
         # Before anything asks JAX for devices: N host devices stand in for the target mesh.
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", int(cfg.aot.devices))
-    if OmegaConf.is_missing(cfg.trainer, "init_from"):
-        cfg.trainer.init_from = None  # a preset's weights are not needed to compile
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     rules = tuple(tuple(r) for r in cfg.rules) if cfg.rules else sharding.DEFAULT_RULES
     start = time.perf_counter()
