@@ -189,8 +189,15 @@ def test_open_assistant():
 
 
 def test_unknown_role_raises():
-    with pytest.raises(ConversationError, match="System"):
-        format_conversation([("System", "be nice")])
+    with pytest.raises(ConversationError, match="Narrator"):
+        format_conversation([("Narrator", "be nice")])
+
+
+def test_system_turn_only_first():
+    text = format_conversation([("System", "be nice"), ("Human", "hi")])
+    assert parse_conversation(text) == [Turn("System", "be nice"), Turn("Human", "hi")]
+    with pytest.raises(ConversationError, match="first"):
+        parse_conversation("\n\nHuman: hi\n\nSystem: be nice")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,492 @@
+"""Chat formats: how a conversation becomes the text and tokens a model reads.
+
+A conversation is a list of messages `{"role": "system" | "user" | "assistant",
+"content": str}`. A `ChatFormat` renders it (`render`), tokenizes it with a mask over
+what the assistant says (`encode`), opens it for the model's answer (`prompt_ids`) and
+knows where an answer ends (`stop_ids`, `stop_strings`). Two kinds:
+
+- `template`: the checkpoint's own Jinja chat template (`chat_template` in
+  `tokenizer_config.json`, or `chat_template.jinja` beside it), rendered the way
+  `transformers` renders it: a sandboxed environment, `raise_exception`,
+  `strftime_now`, the special tokens as variables, `add_generation_prompt` and any
+  template keyword (Qwen3's `enable_thinking`, say). Generation stops at the template's
+  end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...) and the
+  checkpoint's EOS ids.
+- `human_assistant`: the `\\n\\nHuman: ...\\n\\nAssistant: ...` transcript of the
+  Constitutional AI paper, for base models and the bundled tiny model; BOS first, EOS
+  after a final assistant turn, and a new `\\n\\nHuman:` ends an answer.
+
+The assistant mask covers each assistant message's content and its end-of-turn token,
+found without `{% generation %}` markers: the template is also rendered with a unique
+marker in place of every message's content, which shows where each content begins
+and ends in the real rendering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from jaxcai.tokenizer import Tokenizer, token_range
+from jaxcai.tokenizer import load as load_tokenizer
+from jaxcai.tokenizer.transcript import (
+    ConversationError,
+    Turn,
+    format_conversation,
+    parse_conversation,
+)
+
+__all__ = [
+    "KINDS",
+    "ChatError",
+    "ChatFormat",
+    "EncodedChat",
+    "HumanAssistantFormat",
+    "TemplateFormat",
+    "as_format",
+    "find_template",
+    "load",
+    "messages_from_transcript",
+    "transcript_from_messages",
+]
+
+KINDS = ("auto", "template", "human_assistant")
+Message = Mapping[str, str]
+_ROLE_TO_TURN = {"user": "Human", "assistant": "Assistant", "system": "System"}
+_TURN_TO_ROLE = {v: k for k, v in _ROLE_TO_TURN.items()}
+
+
+class ChatError(ValueError):
+    """A conversation, template or chat setting that cannot be used (names what, where)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedChat:
+    """`ids` of the rendered `text`; `mask[i]` is 1 where token i is assistant content or
+    its end-of-turn token; `spans` are those tokens `[start, end)` per assistant message,
+    as `(message index, start, end)`."""
+
+    ids: list[int]
+    mask: list[int]
+    text: str
+    spans: list[tuple[int, int, int]]
+
+
+# ----- messages <-> transcripts ---------------------------------------------------------
+
+
+def check_messages(messages: Sequence[Message], where: str = "conversation") -> list[dict]:
+    """Messages as plain dicts with a known role and string content, or a ChatError."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ChatError(f"{where}: message {i} needs 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in _ROLE_TO_TURN:
+            raise ChatError(
+                f"{where}: message {i} has role {m['role']!r}; roles are {sorted(_ROLE_TO_TURN)}"
+            )
+        if not isinstance(m["content"], str):
+            raise ChatError(f"{where}: message {i} content must be text")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def messages_from_transcript(text: str) -> list[dict]:
+    """A Human/Assistant transcript (a stored prompt) as messages."""
+    try:
+        turns = parse_conversation(text)
+    except ConversationError as e:
+        raise ChatError(f"not a transcript: {e}") from None
+    return [{"role": _TURN_TO_ROLE[t.role], "content": t.text.strip()} for t in turns]
+
+
+def transcript_from_messages(messages: Sequence[Message]) -> str:
+    """Messages as a Human/Assistant transcript (how prompts are stored)."""
+    msgs = check_messages(messages)
+    if any(m["role"] == "system" for m in msgs[1:]):
+        raise ChatError("only the first message may be a system message")
+    return format_conversation([Turn(_ROLE_TO_TURN[m["role"]], m["content"]) for m in msgs])
+
+
+# ----- the interface --------------------------------------------------------------------
+
+
+class ChatFormat:
+    """Conversations -> text and tokens for one tokenizer (see the module docstring)."""
+
+    kind: str = ""
+    tokenizer: Tokenizer
+
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
+        raise NotImplementedError
+
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False, **kwargs: Any
+    ) -> EncodedChat:
+        raise NotImplementedError
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end an answer: end-of-turn tokens and the tokenizer's EOS ids."""
+        raise NotImplementedError
+
+    stop_strings: tuple[str, ...] = ()
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of a text this format rendered (a BOS only where rendering does not add one)."""
+        raise NotImplementedError
+
+    def prompt_ids(self, messages: Sequence[Message], **kwargs: Any) -> list[int]:
+        """The conversation opened for the assistant's next message: what a sampler
+        continues."""
+        return self.encode_text(self.render(messages, add_generation_prompt=True, **kwargs))
+
+    def answer_text(self, question: str, answer_prefix: str) -> str:
+        """The text whose continuation scores a multiple-choice answer: `question` asked
+        by the user and `answer_prefix` begun by the assistant."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class HumanAssistantFormat(ChatFormat):
+    """The `\\n\\nHuman: / \\n\\nAssistant:` transcript; see the module docstring."""
+
+    kind = "human_assistant"
+    stop_strings = ("\n\nHuman:",)
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __reduce__(self):
+        return (HumanAssistantFormat, (self.tokenizer,))
+
+    def render(self, messages, add_generation_prompt=False, **kwargs):
+        msgs = check_messages(messages)
+        turns = [Turn(_ROLE_TO_TURN[m["role"]], m["content"]) for m in msgs]
+        return format_conversation(turns, open_assistant=add_generation_prompt)
+
+    def encode(self, messages, add_generation_prompt=False, **kwargs):
+        msgs = check_messages(messages)
+        text = self.render(msgs, add_generation_prompt)
+        closes = bool(msgs) and msgs[-1]["role"] == "assistant" and not add_generation_prompt
+        enc = self.tokenizer.encode_conversation(text, add_bos=True, add_eos=closes)
+        mask = [0] * len(enc.ids)
+        spans = []
+        for i, span in enumerate(enc.spans):
+            if span.role != "Assistant" or i >= len(msgs):
+                continue
+            end = len(enc.ids) if closes and i == len(msgs) - 1 else span.end
+            mask[span.start : end] = [1] * (end - span.start)
+            spans.append((i, span.start, end))
+        return EncodedChat(ids=enc.ids, mask=mask, text=text, spans=spans)
+
+    @property
+    def stop_ids(self):
+        return self.tokenizer.stop_ids
+
+    def encode_text(self, text):
+        return self.tokenizer.encode(text, add_bos=True)
+
+    def answer_text(self, question, answer_prefix):
+        # The paper's feedback question is plain text that ends with the answer prefix.
+        q = question.rstrip()
+        return q if q.endswith(answer_prefix.strip()) else f"{q}\n{answer_prefix.strip()}"
+
+
+# ----- Jinja templates ------------------------------------------------------------------
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers some templates
+    carry) renders its body; the mask is found without it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _environment() -> jinja2.Environment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+_MARK = "\ue000jaxcai-{}\ue001"
+_MARK_RE = re.compile("\ue000jaxcai-(\\d+)\ue001")
+
+
+class TemplateFormat(ChatFormat):
+    """A checkpoint's Jinja chat template over its tokenizer."""
+
+    kind = "template"
+
+    def __init__(self, tokenizer: Tokenizer, template: str, *, source: str = "<template>"):
+        self.tokenizer, self.template, self.source = tokenizer, template, source
+        try:
+            self._compiled = _environment().from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatError(f"{source}: the chat template does not parse (line {e.lineno}: {e})")
+        self._eot = self._end_of_turn()
+
+    def __reduce__(self):  # grain worker processes pickle it; the template recompiles
+        return (_template_format, (self.tokenizer, self.template, self.source))
+
+    def describe(self) -> str:
+        return f"template ({self.source})"
+
+    def render(self, messages, add_generation_prompt=False, **kwargs):
+        msgs = check_messages(messages)
+        return self._render(msgs, add_generation_prompt, kwargs)
+
+    def _render(self, msgs: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
+        variables = {
+            **self.tokenizer.special_tokens,
+            **kwargs,
+            "messages": msgs,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        variables.setdefault("tools", None)
+        variables.setdefault("documents", None)
+        try:
+            return self._compiled.render(**variables)
+        except jinja2.TemplateError as e:
+            raise ChatError(f"{self.source}: the chat template refused the conversation: {e}")
+
+    def encode(self, messages, add_generation_prompt=False, **kwargs):
+        msgs = check_messages(messages)
+        text = self._render(msgs, add_generation_prompt, kwargs)
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        mask = [0] * len(ids)
+        spans = []
+        for i, (start, end) in self._assistant_chars(msgs, text, add_generation_prompt, kwargs):
+            first, last = token_range(offsets, start, end)
+            mask[first:last] = [1] * (last - first)
+            spans.append((i, first, last))
+        return EncodedChat(ids=ids, mask=mask, text=text, spans=spans)
+
+    def _assistant_chars(
+        self, msgs: list[dict], text: str, add_generation_prompt: bool, kwargs: dict
+    ) -> list[tuple[int, tuple[int, int]]]:
+        """Character ranges of each assistant message's content and end-of-turn text."""
+        marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
+        skeleton = self._render(marked, add_generation_prompt, kwargs)
+        pieces = _MARK_RE.split(skeleton)  # chunk, index, chunk, index, ..., chunk
+        chunks, order = pieces[0::2], [int(k) for k in pieces[1::2]]
+        ranges = _place_contents(text, chunks)
+        if ranges is None:  # the template branches on content: search for each content
+            ranges, order = _search_contents(text, msgs)
+        out = []
+        for k, (i, (start, end)) in enumerate(zip(order, ranges, strict=True)):
+            if msgs[i]["role"] != "assistant":
+                continue
+            out.append((i, (start, end + self._eot_length(text[end:]))))
+        return out
+
+    def _eot_length(self, following: str) -> int:
+        """Characters after a content up to and including its end-of-turn token (0 if
+        the turn is not closed there)."""
+        best = None
+        for eot in self._eot:
+            pos = following.find(eot)
+            if pos >= 0 and not following[:pos].strip() and (best is None or pos < best[0]):
+                best = (pos, len(eot))
+        return best[0] + best[1] if best else 0
+
+    def _end_of_turn(self) -> tuple[str, ...]:
+        """The special token(s) that close an assistant turn: the first special token the
+        template writes after an assistant message's content (probed), else EOS."""
+        specials = _special_strings(self.tokenizer)
+        found = []
+        for probe in (
+            [
+                {"role": "user", "content": _MARK.format(0)},
+                {"role": "assistant", "content": _MARK.format(1)},
+            ],
+            [
+                {"role": "system", "content": _MARK.format(2)},
+                {"role": "user", "content": _MARK.format(0)},
+                {"role": "assistant", "content": _MARK.format(1)},
+            ],
+        ):
+            try:
+                skeleton = self._render(probe, False, {})
+            except ChatError:
+                continue
+            after = skeleton.split(_MARK.format(1), 1)[-1] if _MARK.format(1) in skeleton else ""
+            hits = [(after.find(s), -len(s), s) for s in specials if s in after]
+            if hits:
+                found.append(min(hits)[2])
+                break
+        eos = self.tokenizer.special_tokens.get("eos_token")
+        return tuple(dict.fromkeys([*found, *([eos] if eos else [])]))
+
+    @property
+    def end_of_turn(self) -> tuple[str, ...]:
+        return self._eot
+
+    @property
+    def stop_ids(self):
+        ids = [self.tokenizer.token_to_id(s) for s in self._eot]
+        return tuple(
+            dict.fromkeys([i for i in ids if i is not None] + list(self.tokenizer.stop_ids))
+        )
+
+    def encode_text(self, text):
+        return self.tokenizer.encode(text)  # the template writes any BOS itself
+
+    def answer_text(self, question, answer_prefix):
+        q = question.rstrip()
+        if q.endswith(answer_prefix.strip()):
+            q = q[: len(q) - len(answer_prefix.strip())].rstrip()
+        opened = self.render([{"role": "user", "content": q}], add_generation_prompt=True)
+        return opened + answer_prefix.strip()
+
+
+def _template_format(tokenizer: Tokenizer, template: str, source: str) -> TemplateFormat:
+    return TemplateFormat(tokenizer, template, source=source)
+
+
+def _special_strings(tok: Tokenizer) -> list[str]:
+    """Special and added token strings of a tokenizer (the candidates for end-of-turn)."""
+    tk = getattr(tok, "tk", None)
+    if tk is not None:
+        return [t.content for t in tk.get_added_tokens_decoder().values() if t.content]
+    return [s for s in tok.special_tokens.values() if s]
+
+
+def _place_contents(text: str, chunks: list[str]) -> list[tuple[int, int]] | None:
+    """Content ranges in `text`, given the template's own text around each content
+    (`chunks`, from the marked rendering); None if `text` does not follow them."""
+    if not text.startswith(chunks[0]):
+        return None
+    pos, ranges = len(chunks[0]), []
+    for k, chunk in enumerate(chunks[1:], start=1):
+        last = k == len(chunks) - 1
+        if last:
+            end = len(text) - len(chunk)
+            if end < pos or not text.endswith(chunk):
+                return None
+        else:
+            end = text.find(chunk, pos) if chunk else pos
+            if end < 0:
+                return None
+        ranges.append((pos, end))
+        pos = end + len(chunk)
+    return ranges
+
+
+def _search_contents(text: str, msgs: list[dict]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Content ranges found by searching each message's (stripped) content in order."""
+    ranges, order, cursor = [], [], 0
+    for i, m in enumerate(msgs):
+        content = m["content"].strip()
+        if not content:
+            continue
+        pos = text.find(content, cursor)
+        if pos < 0 and m["role"] == "assistant" and "</think>" in content:
+            content = content.split("</think>")[-1].strip()
+            pos = text.find(content, cursor)
+        if pos < 0:
+            if m["role"] == "assistant":
+                raise ChatError(
+                    f"assistant message {i}: its content does not appear in the rendered "
+                    "template, so its tokens cannot be masked"
+                )
+            continue
+        ranges.append((pos, pos + len(content)))
+        order.append(i)
+        cursor = pos + len(content)
+    return ranges, order
+
+
+# ----- loading --------------------------------------------------------------------------
+
+
+def find_template(directory: str | Path) -> tuple[str, str] | None:
+    """(template text, where it came from) of a checkpoint directory, or None.
+    `chat_template.jinja` (the newer layout) wins over `tokenizer_config.json`'s
+    `chat_template` (a string, or a list of named templates: `default` is taken)."""
+    directory = Path(directory)
+    for where in (directory, directory / "tokenizer"):
+        jinja_file = where / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        json_file = where / "chat_template.json"
+        if json_file.is_file():
+            value = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(value, str) and value:
+                return value, str(json_file)
+        config_file = where / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                value = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise ChatError(f"{config_file}: invalid JSON ({e})") from e
+            if isinstance(value, list):
+                named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+                value = named.get("default")
+            if isinstance(value, str) and value:
+                return value, f"{config_file} (chat_template)"
+    return None
+
+
+def load(
+    path: str | Path | None = None, kind: str = "auto", *, tokenizer: Tokenizer | None = None
+) -> ChatFormat:
+    """The chat format of a checkpoint directory (`kind="auto"`: its template when it
+    has one, else `human_assistant`); `path=None` is the bundled tokenizer's transcript.
+    `tokenizer` defaults to the directory's own (`jaxcai.tokenizer.load`)."""
+    if kind not in KINDS:
+        raise ChatError(f"chat={kind!r}: choose one of {KINDS}")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    directory = Path(path).expanduser() if path is not None else None
+    if directory is not None and directory.is_file():
+        directory = directory.parent
+    found = find_template(directory) if directory is not None else None
+    if kind == "template" and found is None:
+        raise ChatError(
+            f"chat=template, but {path} has no chat template (looked for chat_template.jinja "
+            "and chat_template in tokenizer_config.json); use chat=human_assistant"
+        )
+    if kind == "human_assistant" or found is None:
+        return HumanAssistantFormat(tok)
+    return TemplateFormat(tok, found[0], source=found[1])
+
+
+def as_format(value: Tokenizer | ChatFormat) -> ChatFormat:
+    """A chat format from a format (as is) or a tokenizer (its Human/Assistant transcript)."""
+    if isinstance(value, ChatFormat):
+        return value
+    if isinstance(value, Tokenizer):
+        return HumanAssistantFormat(value)
+    raise TypeError(f"expected a Tokenizer or a ChatFormat, got {type(value).__name__}")
