@@ -255,7 +255,9 @@ class TemplateFormat(ChatFormat):
         try:
             self._compiled = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
-            raise ChatError(f"{source}: the chat template does not parse (line {e.lineno}: {e})")
+            raise ChatError(
+                f"{source}: the chat template does not parse (line {e.lineno}: {e})"
+            ) from None
         self._eot = self._end_of_turn()
 
     def __reduce__(self):  # grain worker processes pickle it; the template recompiles
@@ -280,7 +282,9 @@ class TemplateFormat(ChatFormat):
         try:
             return self._compiled.render(**variables)
         except jinja2.TemplateError as e:
-            raise ChatError(f"{self.source}: the chat template refused the conversation: {e}")
+            raise ChatError(
+                f"{self.source}: the chat template refused the conversation: {e}"
+            ) from None
 
     def encode(self, messages, add_generation_prompt=False, **kwargs):
         msgs = check_messages(messages)
@@ -306,7 +310,7 @@ class TemplateFormat(ChatFormat):
         if ranges is None:  # the template branches on content: search for each content
             ranges, order = _search_contents(text, msgs)
         out = []
-        for k, (i, (start, end)) in enumerate(zip(order, ranges, strict=True)):
+        for i, (start, end) in zip(order, ranges, strict=True):
             if msgs[i]["role"] != "assistant":
                 continue
             out.append((i, (start, end + self._eot_length(text[end:]))))

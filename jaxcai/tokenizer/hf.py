@@ -213,10 +213,8 @@ def _rebuild_like_transformers(tk: tokenizers.Tokenizer, config: dict[str, Any])
         return
     add_prefix_space = config.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-    if add_prefix_space:
-        scheme = "always" if config.get("legacy", False) else "first"
-    else:
-        scheme = "never"
+    legacy = config.get("legacy", False)
+    scheme = ("always" if legacy else "first") if add_prefix_space else "never"
     tk.normalizer = None
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
