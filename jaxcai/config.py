@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,7 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from jaxcai.model_config import ModelConfig
 from jaxcai.sharding import MeshConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# The Hydra configs: the repository's top-level configs/ directory, shipped in the package
+# as `jaxcai.configs` (pyproject.toml maps it; an editable install reads the checkout's).
+CONFIG_PACKAGE = "jaxcai.configs"
+CONFIG_PATH = f"pkg://{CONFIG_PACKAGE}"  # what the entry points give `hydra.main`
+CONFIG_DIR = str(resources.files(CONFIG_PACKAGE))  # the same directory on disk
 OBJECTIVES = ("lm", "sft", "rm", "dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("precompute", "model")
@@ -93,7 +97,10 @@ class DataConfig:
     shuffle: bool = True
     workers: int = 0  # grain worker processes (0: read in the training process)
     read_threads: int = 2
-    tokenizer: str | None = None  # sentencepiece path; None = the bundled tokenizer
+    # A checkpoint directory, tokenizer.json or sentencepiece .model; None = the model's
+    # own (trainer.init_from's), else the bundled tokenizer.
+    tokenizer: str | None = None
+    chat: str = "auto"  # auto | template | human_assistant (jaxcai.chat)
     skip_invalid: bool = False  # count and report bad records instead of failing
 
 
@@ -183,13 +190,13 @@ def register() -> None:
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """The config Hydra would build for `jaxcai-train overrides...` (for scripts and tests)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     register()
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app (e.g. `jaxcai-cai`)
         return hydra_compose(config_name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_module(CONFIG_PACKAGE, version_base=None):
         return hydra_compose(config_name, overrides=list(overrides))
 
 
@@ -205,6 +212,9 @@ def model_config(cfg: DictConfig | dict) -> ModelConfig:
         return ModelConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config model: {e}") from e
+
+
+CHAT_KINDS = ("auto", "template", "human_assistant")  # jaxcai.chat.KINDS
 
 
 def validate(cfg: DictConfig, n_devices: int) -> None:
@@ -263,6 +273,7 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
     _check(d.max_len >= 2, "data.max_len", d.max_len, "must be at least 2")
     _check(d.format in ("jsonl", "hh"), "data.format", d.format, "choose jsonl or hh")
     _check(d.pad in PADDING, "data.pad", d.pad, f"choose one of {PADDING}")
+    _check(d.chat in CHAT_KINDS, "data.chat", d.chat, f"choose one of {CHAT_KINDS}")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.read_threads >= 1, "data.read_threads", d.read_threads, "must be >= 1")
     _check(

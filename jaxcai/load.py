@@ -4,8 +4,11 @@
     config, params = load_model("runs/sft/checkpoints/40")
     config, params = load_model("hf/llama-3.2-1b", mesh=mesh)   # safetensors
 
-A run directory holds the `config.yaml` the trainer wrote and `checkpoints/`; only the
-params are read (not the optimizer state), straight into their shards on `mesh`.
+A run directory holds the `config.yaml` the trainer wrote, `checkpoints/` and the
+tokenizer it trained with (`tokenizer/`); only the params are read (not the optimizer
+state), straight into their shards on `mesh`.
+
+    fmt = chat_format("runs/sft")   # the tokenizer and chat format a model was made with
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 import jax
 from omegaconf import OmegaConf
 
-from jaxcai import hf, lora, model
+from jaxcai import chat, hf, lora, model
+from jaxcai import tokenizer as tokenizers
 from jaxcai.checkpoint import Checkpointer
 from jaxcai.config import model_config
 from jaxcai.model_config import ModelConfig
 from jaxcai.sharding import DEFAULT_RULES, Rules
 
-__all__ = ["load_model", "model_config_of"]
+__all__ = ["chat_format", "load_model", "model_config_of", "model_home"]
 
 
 def _run_dir(path: Path) -> tuple[Path, int | None]:
@@ -39,6 +43,40 @@ def _run_dir(path: Path) -> tuple[Path, int | None]:
         f"{path}: neither a Hugging Face directory (config.json) nor a jaxcai run "
         "(config.yaml and checkpoints/)"
     )
+
+
+def model_home(path: str | os.PathLike) -> Path:
+    """The directory that holds a model's files: a Hugging Face directory itself, or a
+    jaxcai run's directory for the run, its `checkpoints/` or `checkpoints/N`."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    return _run_dir(path)[0]
+
+
+def chat_format(
+    model_path: str | os.PathLike | None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    kind: str = "auto",
+) -> chat.ChatFormat:
+    """The tokenizer and chat format to use with a model.
+
+    `tokenizer` (a directory, `tokenizer.json` or `.model`) wins; else the model's own
+    (a Hugging Face directory's files, or a run's `tokenizer/`); else the bundled
+    tokenizer. `kind="auto"` takes the chat template beside the tokenizer when there is
+    one; for a jaxcai run it is the format the run trained with (`data.chat` in its
+    `config.yaml`)."""
+    home = model_home(model_path) if model_path is not None else None
+    if tokenizer is None and home is not None and tokenizers.find_tokenizer(home) is not None:
+        tokenizer = home
+    tok = tokenizers.load(tokenizer)
+    if kind == "auto" and home is not None and (home / "config.yaml").is_file():
+        kind = str(OmegaConf.load(home / "config.yaml").get("data", {}).get("chat") or "auto")
+    source = None if tokenizer is None else Path(tokenizer).expanduser()
+    if source is not None and source.is_file():
+        source = source.parent
+    return chat.load(source, kind, tokenizer=tok)
 
 
 def model_config_of(path: str | os.PathLike, **numerics: Any) -> ModelConfig:

@@ -21,16 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from jaxcai import hf, lora, model, sharding
+from jaxcai.chat import ChatError, ChatFormat
 from jaxcai.checkpoint import Checkpointer, NoCheckpointError
 from jaxcai.config import ConfigError, model_config, validate
 from jaxcai.data.batches import data_shard, eval_index_batches, from_local_rows, global_batch
 from jaxcai.data.builders import decode_record
 from jaxcai.data.pipeline import ArrayRows, repad
 from jaxcai.data.training import TrainData, training_data
-from jaxcai.load import load_model, model_config_of
+from jaxcai.load import chat_format, load_model, model_config_of
 from jaxcai.metrics import MetricsWriter, peak_flops_per_device
 from jaxcai.model_config import ModelConfig, flops_per_token
-from jaxcai.tokenizer import Tokenizer
 from jaxcai.train import (
     COUNT_METRICS,
     init_train_state,
@@ -108,6 +108,18 @@ def _model_and_params(cfg: DictConfig, mesh, rules) -> tuple[ModelConfig, Any]:
 
 def _lora_fields(cfg: DictConfig) -> dict[str, Any]:
     return {k: cfg.model[k] for k in LORA_FIELDS}
+
+
+def run_chat_format(cfg: DictConfig) -> ChatFormat:
+    """The run's tokenizer and chat format: `data.tokenizer`, else `trainer.init_from`'s
+    own, else the bundled one; `data.chat` picks the format. The chosen kind is written
+    into `cfg.data.chat`, so the run's `config.yaml` records it."""
+    try:
+        fmt = chat_format(cfg.trainer.init_from, tokenizer=cfg.data.tokenizer, kind=cfg.data.chat)
+    except (ChatError, OSError, ValueError) as e:
+        raise ConfigError(f"config data.tokenizer / data.chat: {e}") from e
+    cfg.data.chat = fmt.kind
+    return fmt
 
 
 def adopt_init_model(cfg: DictConfig) -> None:
@@ -252,20 +264,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     adopt_init_model(cfg)
     validate(cfg, jax.device_count())
     t = cfg.trainer
-    tok = Tokenizer.load(cfg.data.tokenizer)
+    fmt = run_chat_format(cfg)
+    tok = fmt.tokenizer
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     rules = tuple(tuple(r) for r in cfg.rules) if cfg.rules else sharding.DEFAULT_RULES
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tok.save(run_dir / "tokenizer")  # the run is a complete model with its tokenizer
 
     with sharding.use_mesh(mesh, rules):
         mc, params = _model_and_params(cfg, mesh, rules)
         if tok.vocab_size > mc.vocab_size:
             raise ConfigError(
-                f"config data.tokenizer: {tok.vocab_size} pieces do not fit the "
-                f"model's {mc.vocab_size} embeddings"
+                f"config data.tokenizer: {tok.source} has {tok.vocab_size} tokens, more "
+                f"than the model's {mc.vocab_size} embeddings"
             )
-        data = training_data(cfg.data, cfg.objective.name, tok, t.seed)
+        data = training_data(cfg.data, cfg.objective.name, fmt, t.seed)
         ref_params, ref = None, {"train": None, "eval": None}
         if cfg.objective.name == "dpo":
             if cfg.objective.reference == "model":
@@ -429,4 +443,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 )
             else:
                 hf.save_pretrained(run_dir / "hf", mc, state.params, progress=t.progress)
+                if jax.process_index() == 0:
+                    tok.save(run_dir / "hf")  # a complete model: weights, tokenizer, template
     return {"step": t.steps, **{f"train/{k}": v for k, v in last.items()}, **final_eval}

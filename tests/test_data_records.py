@@ -335,7 +335,55 @@ BAD_CASES = {
         "'response' is empty",
     ),
     "number_text": ("text", {"text": 5}, "not_text", "'text' must be text, got int"),
-    "list_text": ("prompts", {"prompt": ["a"]}, "not_text", "'prompt' must be text, got list"),
+    "list_text": ("prompts", {"prompt": ["a"]}, "bad_value", "message 0 needs 'role' and 'content'"),
+    "dict_text": ("prompts", {"prompt": {"a": 1}}, "not_text", "'prompt' must be text, got dict"),
+    "messages_end_assistant": (
+        "prompts",
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "malformed",
+        "must end with a user message",
+    ),
+    "messages_bad_role": (
+        "sft",
+        {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "bad_value",
+        "role 'robot'",
+    ),
+    "messages_empty": (
+        "sft",
+        {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]},
+        "empty_field",
+        "message 0 is empty",
+    ),
+    "messages_no_answer": (
+        "sft",
+        {"messages": [{"role": "user", "content": "q"}]},
+        "malformed",
+        "must end with the assistant message",
+    ),
+    "late_system": (
+        "sft",
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        "bad_value",
+        "only the first message may be a system message",
+    ),
+    "chosen_two_messages": (
+        "preference",
+        {
+            "prompt": "q",
+            "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+            "rejected": "b",
+        },
+        "malformed",
+        "one assistant message",
+    ),
     "null_text": ("prompts", {"prompt": None}, "not_text", "got NoneType"),
     "p_chosen_above_1": ("preference", PREF | {"p_chosen": 1.5}, "bad_value", "got 1.5"),
     "p_chosen_below_0": ("preference", PREF | {"p_chosen": -0.1}, "bad_value", "got -0.1"),
@@ -411,6 +459,37 @@ def test_skip_counting_mixed_file(tmp_path):
     assert records[2]["metadata"] == {"i": 4}
     assert skipped == collections.Counter(
         {"malformed": 2, "missing_field": 2, "empty_field": 1, "not_text": 1, "bad_value": 2}
+    )
+
+
+def test_chat_message_fields(tmp_path):
+    """`messages` conversations and message-list fields become the text forms."""
+    sys_user = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
+    lines = [
+        {"messages": [*sys_user, {"role": "assistant", "content": " Hello! "}]},
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"},
+            ]
+        },
+        {"prompt": sys_user, "response": [{"role": "assistant", "content": "Hey"}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", lines)
+    records = read(path, "sft")
+    assert [(r["prompt"], r["response"]) for r in records] == [
+        ("\n\nSystem: Be kind.\n\nHuman: Hi?", "Hello!"),
+        ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "d"),
+        ("\n\nSystem: Be kind.\n\nHuman: Hi?", "Hey"),
+    ]
+    prefs = [{"prompt": sys_user, "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}]
+    (rec,) = read(write_jsonl(tmp_path / "p.jsonl", prefs), "preference")
+    assert (rec["prompt"], rec["chosen"], rec["rejected"]) == (
+        "\n\nSystem: Be kind.\n\nHuman: Hi?",
+        "x",
+        "y",
     )
 
 

@@ -5,13 +5,18 @@ Per example (pure functions, run in grain's map stage):
 * `text` documents become `bos + text + eos`; rows are cut from their concatenation
   (grain's concat-then-split), so no token is wasted and the loss never crosses a
   document boundary (segment ids keep them apart).
-* `sft` conversations become `bos + prompt + "\\n\\nAssistant: " + response + eos`; the
-  loss mask covers the response tokens and eos only.
+* `sft` conversations (a stored prompt answered by the response) become the chat
+  format's tokens (`jaxcai.chat`): with the Human/Assistant transcript
+  `bos + prompt + "\\n\\nAssistant: " + response + eos`, with a checkpoint's template
+  its rendering, ending at the response's end-of-turn token. The loss mask covers the
+  response tokens and that end-of-turn (or eos) token only; earlier assistant turns of
+  the prompt are context.
 * `preference` pairs become a chosen and a rejected sequence of the same layout.
 
 **Truncation policy** (`data.truncate=true`): a sequence longer than `max_len + 1`
 tokens (one more than a row, for the shifted target) keeps the *end* of its prompt and
-the *start* of its response. The prompt keeps `bos` and its last tokens: as many as the
+the *start* of its response. The prompt keeps `bos` (when it starts with one) and its
+last tokens: as many as the
 whole response leaves room for, but never fewer than `max_prompt_len` tokens in all
 (default `max_len // 2`, `bos` included); the response fills the rest (losing its `eos`
 when cut). With
@@ -43,7 +48,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxcai.data.records import DataError, conversation_text
+from jaxcai.chat import ChatError, ChatFormat, as_format, messages_from_transcript
+from jaxcai.data.records import DataError
 from jaxcai.tokenizer import Tokenizer
 
 __all__ = [
@@ -120,34 +126,52 @@ def _sequence(prompt_ids: list[int], response_ids: list[int]) -> dict[str, np.nd
     return {"tokens": ids[:-1], "targets": ids[1:], "mask": mask}
 
 
+def pad_id_of(tok: Tokenizer | ChatFormat) -> int:
+    """The padding id of a tokenizer or of a chat format's tokenizer."""
+    return as_format(tok).tokenizer.pad_id
+
+
 def encode_response(
-    tok: Tokenizer, prompt: str, response: str, layout: Layout, source: str
+    tok: Tokenizer | ChatFormat, prompt: str, response: str, layout: Layout, source: str
 ) -> dict[str, np.ndarray]:
-    """Token arrays of one prompt/response conversation, truncated as documented."""
-    enc = tok.encode_conversation(conversation_text(prompt, response), add_bos=True, add_eos=True)
-    start = enc.spans[-1].start
-    prompt_ids, response_ids = enc.ids[:start], enc.ids[start:]
+    """Token arrays of one prompt/response conversation in the chat format (a bare
+    tokenizer means the Human/Assistant transcript), truncated as documented."""
+    fmt = as_format(tok)
+    try:
+        messages = messages_from_transcript(prompt)
+        enc = fmt.encode([*messages, {"role": "assistant", "content": response.strip()}])
+    except ChatError as e:
+        raise DataError(f"{source}: {e}") from None
+    if not enc.spans or enc.spans[-1][0] != len(messages):
+        raise DataError(f"{source}: the chat format dropped the response")
+    _, start, end = enc.spans[-1]
+    prompt_ids, response_ids = enc.ids[:start], enc.ids[start:end]
+    total = len(prompt_ids) + len(response_ids)
     budget = layout.max_len + 1
-    if len(enc.ids) > budget:
+    if total > budget:
         if not layout.truncate:
             raise DataError(
-                f"{source}: {len(enc.ids)} tokens do not fit data.max_len={layout.max_len} "
+                f"{source}: {total} tokens do not fit data.max_len={layout.max_len} "
                 "(+1 for the shifted target); raise data.max_len or set data.truncate=true",
                 reason="too_long",
             )
+        lead = int(fmt.tokenizer.bos_id is not None and prompt_ids[:1] == [fmt.tokenizer.bos_id])
         keep = min(len(prompt_ids), max(budget - len(response_ids), layout.prompt_budget))
-        prompt_ids = [prompt_ids[0], *prompt_ids[len(prompt_ids) - keep + 1 :]]  # bos + end
+        prompt_ids = [*prompt_ids[:lead], *prompt_ids[len(prompt_ids) - keep + lead :]]
         response_ids = response_ids[: budget - len(prompt_ids)]
     return _sequence(prompt_ids, response_ids)
 
 
 def encode_example(
-    raw: dict[str, Any], tok: Tokenizer, layout: Layout, ref: dict[str, np.ndarray] | None = None
+    raw: dict[str, Any],
+    tok: Tokenizer | ChatFormat,
+    layout: Layout,
+    ref: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """A prepared record (as read from the data source) -> variable-length arrays."""
     source = _text(raw.get("source", "?"))
     if layout.kind == "text":
-        ids = tok.encode(_text(raw["text"]), add_bos=True, add_eos=True)
+        ids = as_format(tok).tokenizer.encode(_text(raw["text"]), add_bos=True, add_eos=True)
         ids = np.asarray(ids, np.int32)
         return {"tokens": ids[:-1], "targets": ids[1:], "mask": np.ones(len(ids) - 1, np.int32)}
     prompt = _text(raw["prompt"])
@@ -294,7 +318,7 @@ class IndexedSource:
 class _Encode:
     """grain map: raw record -> encoded example."""
 
-    def __init__(self, tok: Tokenizer, layout: Layout, ref: dict[str, np.ndarray] | None):
+    def __init__(self, tok: Tokenizer | ChatFormat, layout: Layout, ref):
         self.tok, self.layout, self.ref = tok, layout, ref
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +327,7 @@ class _Encode:
 
 def train_iterator(
     source: IndexedSource,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     layout: Layout,
     *,
     rows_per_batch: int,
@@ -343,7 +367,7 @@ def train_iterator(
         )
         it = it.map(_packed_rows).batch(rows_per_batch, batch_fn=_stack_packed)
     else:
-        it = it.batch(rows_per_batch, batch_fn=_Collate(layout, tok.pad_id))
+        it = it.batch(rows_per_batch, batch_fn=_Collate(layout, pad_id_of(tok)))
     if workers > 0:
         _parse_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -416,7 +440,9 @@ class ArrayRows:
 class MapRows:
     """Examples encoded on demand from an `IndexedSource`, padded to `max_len`."""
 
-    def __init__(self, source: IndexedSource, tok: Tokenizer, layout: Layout, ref=None):
+    def __init__(
+        self, source: IndexedSource, tok: Tokenizer | ChatFormat, layout: Layout, ref=None
+    ):
         self.source, self.tok, self.layout, self.ref = source, tok, layout, ref
 
     def __len__(self) -> int:
@@ -429,7 +455,7 @@ class MapRows:
             encode_example(self.source[int(i) if ok else 0], self.tok, self.layout, self.ref)
             for i, ok in zip(flat, valid, strict=True)
         ]
-        rows = pad_rows(examples, self.layout, self.tok.pad_id, length=self.layout.max_len)
+        rows = pad_rows(examples, self.layout, pad_id_of(self.tok), length=self.layout.max_len)
         rows = _zero_invalid(rows, valid)
         return _map(lambda a: a.reshape(*np.shape(indices), *a.shape[1:]), rows)
 
@@ -452,14 +478,17 @@ def _zero_invalid(rows: dict[str, Any], valid: np.ndarray) -> dict[str, Any]:
     return rows
 
 
-def eval_rows(source: IndexedSource, tok: Tokenizer, layout: Layout, ref=None) -> ArrayRows:
+def eval_rows(
+    source: IndexedSource, tok: Tokenizer | ChatFormat, layout: Layout, ref=None
+) -> ArrayRows:
     """Every example of `source` once, in order, as `max_len` rows in memory (text is
     concatenated and split; other kinds take one row per example, unpacked)."""
     fixed = dataclasses.replace(layout, pad="fixed", pack=False)
     if layout.kind != "text":
-        return ArrayRows(MapRows(source, tok, fixed, ref).take(np.arange(len(source))), tok.pad_id)
+        rows = MapRows(source, tok, fixed, ref).take(np.arange(len(source)))
+        return ArrayRows(rows, pad_id_of(tok))
     it = grain.MapDataset.source(source).map(_Encode(tok, fixed, None)).to_iter_dataset()
     it = grain.experimental.ConcatThenSplitIterDataset(
         it, length_struct={k: layout.max_len for k in SEQ_KEYS}
     ).map(_packed_rows)
-    return ArrayRows(_stack_packed(list(it)), tok.pad_id)
+    return ArrayRows(_stack_packed(list(it)), pad_id_of(tok))

@@ -16,7 +16,11 @@ from, so errors found later (at training time) still name it.
 Formats:
 
     jsonl   one JSON object per line; `fields` maps our names to the file's keys
-            (`{"prompt": "question"}`); `prompt` may be plain text or a transcript.
+            (`{"prompt": "question"}`); `prompt` may be plain text, a transcript or a
+            list of chat messages (`{"role", "content"}`, ending on a user message);
+            `response`, `chosen` and `rejected` may be text or a one-message list
+            (an assistant message). An `sft` line may instead hold a whole
+            conversation as `messages`, ending on the assistant message learned.
     hh      Anthropic hh-rlhf lines `{"chosen": transcript, "rejected": transcript}`:
             the prompt is the shared prefix up to the last "\\n\\nAssistant:", the
             responses what follows it. `sft` keeps the chosen side; `prompts` the prefix.
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jaxcai.chat import ChatError, check_messages, transcript_from_messages
 from jaxcai.tokenizer import ConversationError, parse_conversation
 
 T = TypeVar("T")
@@ -169,6 +174,56 @@ def _text_field(record: Mapping[str, Any], key: str, name: str, where: str) -> s
     return value
 
 
+def _message_list(value: Any, name: str, where: str) -> list[dict[str, str]]:
+    """A JSON list of chat messages, checked, with no empty content."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of messages")
+    try:
+        messages = check_messages(value, f"{where}: field {name!r}")
+    except ChatError as e:
+        raise DataError(str(e), reason="bad_value") from None
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise DataError(f"{where}: field {name!r} message {i} is empty", reason="empty_field")
+    return messages
+
+
+def _prompt_from_messages(messages: list[dict[str, str]], name: str, where: str) -> str:
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: the {name!r} messages must end with a user message")
+    try:
+        return transcript_from_messages(messages)
+    except ChatError as e:
+        raise DataError(f"{where}: field {name!r}: {e}", reason="bad_value") from None
+
+
+def _conversation_fields(raw: Mapping[str, Any], kind: str, key, where: str) -> dict[str, Any]:
+    """Chat-message forms of the text fields, as the text forms they stand for."""
+    out: dict[str, Any] = {}
+    if kind == "sft" and key("messages") in raw and key("prompt") not in raw:
+        messages = _message_list(raw[key("messages")], key("messages"), where)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError(
+                f"{where}: field {key('messages')!r} must end with the assistant message "
+                "to learn, after at least one user message"
+            )
+        out["prompt"] = _prompt_from_messages(messages[:-1], key("messages"), where)
+        out["response"] = messages[-1]["content"]
+        return out
+    if isinstance(raw.get(key("prompt")), list):
+        messages = _message_list(raw[key("prompt")], key("prompt"), where)
+        out["prompt"] = _prompt_from_messages(messages, key("prompt"), where)
+    for name in ("response", "chosen", "rejected"):
+        if isinstance(raw.get(key(name)), list):
+            messages = _message_list(raw[key(name)], key(name), where)
+            if len(messages) != 1 or messages[0]["role"] != "assistant":
+                raise DataError(
+                    f"{where}: field {key(name)!r} as a list must hold one assistant message"
+                )
+            out[name] = messages[0]["content"]
+    return out
+
+
 def _optional(record: Mapping[str, Any], key: str, name: str, where: str) -> Any:
     value = record.get(key)
     if value is None:
@@ -214,8 +269,12 @@ def _parse_line(
         elif kind == "preference":
             record.update(chosen=resp_c, rejected=resp_r)
     else:
+        converted = _conversation_fields(raw, kind, key, where)
         for name in TEXT_FIELDS[kind]:
-            record[name] = _text_field(raw, key(name), name, where)
+            if name in converted:
+                record[name] = converted[name]
+            else:
+                record[name] = _text_field(raw, key(name), name, where)
         if "prompt" in record:
             record["prompt"] = normalise_prompt(record["prompt"], where)
         for name in ("response", "chosen", "rejected"):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcai.chat import ChatFormat
 from jaxcai.data import builders
 from jaxcai.data.pipeline import (
     ArrayRows,
@@ -71,7 +72,7 @@ class TrainData:
     train: IndexedSource
     eval: IndexedSource
     layout: Layout
-    tok: Tokenizer
+    tok: Tokenizer | ChatFormat  # a bare tokenizer means the Human/Assistant transcript
     skipped: collections.Counter  # examples left out at load time, by reason
 
     def iterator(self, **options: Any):
@@ -90,7 +91,11 @@ class TrainData:
 
 
 def _length_check(
-    source: IndexedSource, tok: Tokenizer, layout: Layout, skip: bool, skipped: collections.Counter
+    source: IndexedSource,
+    tok: Tokenizer | ChatFormat,
+    layout: Layout,
+    skip: bool,
+    skipped: collections.Counter,
 ) -> IndexedSource:
     """With `truncate=false`: every example must fit `max_len` (or is skipped, counted)."""
     keep = []
@@ -110,7 +115,7 @@ def _length_check(
     return IndexedSource(source.source, base[np.asarray(keep)], source.origin)
 
 
-def training_data(cfg: Any, objective: str, tok: Tokenizer, seed: int) -> TrainData:
+def training_data(cfg: Any, objective: str, tok: Tokenizer | ChatFormat, seed: int) -> TrainData:
     """Open and split the datasets a `data` config names, for an objective."""
     kind = KIND_OF_OBJECTIVE[objective]
     layout = Layout(
