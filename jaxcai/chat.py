@@ -306,7 +306,7 @@ class TemplateFormat(ChatFormat):
         skeleton = self._render(marked, add_generation_prompt, kwargs)
         pieces = _MARK_RE.split(skeleton)  # chunk, index, chunk, index, ..., chunk
         chunks, order = pieces[0::2], [int(k) for k in pieces[1::2]]
-        ranges = _place_contents(text, chunks)
+        ranges = _place_contents(text, chunks, [msgs[i]["content"] for i in order])
         if ranges is None:  # the template branches on content: search for each content
             ranges, order = _search_contents(text, msgs)
         out = []
@@ -388,20 +388,30 @@ def _special_strings(tok: Tokenizer) -> list[str]:
     return [s for s in tok.special_tokens.values() if s]
 
 
-def _place_contents(text: str, chunks: list[str]) -> list[tuple[int, int]] | None:
+def _place_contents(
+    text: str, chunks: list[str], contents: list[str]
+) -> list[tuple[int, int]] | None:
     """Content ranges in `text`, given the template's own text around each content
-    (`chunks`, from the marked rendering); None if `text` does not follow them."""
+    (`chunks`, from the marked rendering) and the contents in the order the template
+    wrote them; None if `text` does not follow them. A content the template wrote as
+    given (or trimmed) is matched as such, so a content that itself holds template text
+    (`<|im_end|>\\n<|im_start|>user`, say) is not cut short at it; any other content
+    ends where the template's next text begins."""
     if not text.startswith(chunks[0]):
         return None
     pos, ranges = len(chunks[0]), []
     for k, chunk in enumerate(chunks[1:], start=1):
-        last = k == len(chunks) - 1
-        if last:
+        if k == len(chunks) - 1:
             end = len(text) - len(chunk)
             if end < pos or not text.endswith(chunk):
                 return None
         else:
-            end = text.find(chunk, pos) if chunk else pos
+            content = contents[k - 1]
+            forms = dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
+            end = next(
+                (pos + len(f) for f in forms if text.startswith(f + chunk, pos)),
+                text.find(chunk, pos),
+            )
             if end < 0:
                 return None
         ranges.append((pos, end))
@@ -436,6 +446,17 @@ def _search_contents(text: str, msgs: list[dict]) -> tuple[list[tuple[int, int]]
 # ----- loading --------------------------------------------------------------------------
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file; bad JSON is a ChatError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ChatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def find_template(directory: str | Path) -> tuple[str, str] | None:
     """(template text, where it came from) of a checkpoint directory, or None.
     `chat_template.jinja` (the newer layout) wins over `tokenizer_config.json`'s
@@ -447,15 +468,12 @@ def find_template(directory: str | Path) -> tuple[str, str] | None:
             return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
         json_file = where / "chat_template.json"
         if json_file.is_file():
-            value = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template")
+            value = _json_object(json_file).get("chat_template")
             if isinstance(value, str) and value:
                 return value, str(json_file)
         config_file = where / "tokenizer_config.json"
         if config_file.is_file():
-            try:
-                value = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-            except json.JSONDecodeError as e:
-                raise ChatError(f"{config_file}: invalid JSON ({e})") from e
+            value = _json_object(config_file).get("chat_template")
             if isinstance(value, list):
                 named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
                 value = named.get("default")

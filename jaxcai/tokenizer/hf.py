@@ -74,18 +74,15 @@ class HFTokenizer(Tokenizer):
         special_map = self._config("special_tokens_map.json")
         generation = self._config("generation_config.json")
 
-        def special(name: str) -> str | None:
-            return _token_string(config.get(name)) or _token_string(special_map.get(name))
-
         self.special_tokens = {}
         ids: dict[str, int | None] = {}
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            token = special(name)
+            token, where = _token_string(config.get(name)), "tokenizer_config.json"
+            if not token:
+                token, where = _token_string(special_map.get(name)), "special_tokens_map.json"
             ids[name] = self.tk.token_to_id(token) if token else None
             if token and ids[name] is None:
-                raise ValueError(
-                    f"{source}: {name} {token!r} (tokenizer_config.json) is not in the vocabulary"
-                )
+                raise ValueError(f"{source}: {name} {token!r} ({where}) is not in the vocabulary")
             if token:
                 self.special_tokens[name] = token
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
