@@ -152,9 +152,12 @@ class ChatFormat:
         continues."""
         return self.encode_text(self.render(messages, add_generation_prompt=True, **kwargs))
 
-    def answer_text(self, question: str, answer_prefix: str) -> str:
-        """The text whose continuation scores a multiple-choice answer: `question` asked
-        by the user and `answer_prefix` begun by the assistant."""
+    def answer_text(self, user_text: str, assistant_prefix: str) -> str:
+        """The text whose continuation scores a multiple-choice answer: `user_text` asked
+        by the user and `assistant_prefix` (e.g. "The answer is:") begun by the
+        assistant. The Human/Assistant format joins them as plain text, as the paper
+        writes its feedback questions; a template puts them in a user turn and the
+        opened assistant turn."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -200,10 +203,9 @@ class HumanAssistantFormat(ChatFormat):
     def encode_text(self, text):
         return self.tokenizer.encode(text, add_bos=True)
 
-    def answer_text(self, question, answer_prefix):
-        # The paper's feedback question is plain text that ends with the answer prefix.
-        q = question.rstrip()
-        return q if q.endswith(answer_prefix.strip()) else f"{q}\n{answer_prefix.strip()}"
+    def answer_text(self, user_text, assistant_prefix):
+        # The paper's feedback question is plain text running into the answer's start.
+        return user_text + assistant_prefix
 
 
 # ----- Jinja templates ------------------------------------------------------------------
@@ -250,8 +252,18 @@ class TemplateFormat(ChatFormat):
 
     kind = "template"
 
-    def __init__(self, tokenizer: Tokenizer, template: str, *, source: str = "<template>"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: str,
+        *,
+        source: str = "<template>",
+        template_kwargs: Mapping[str, Any] | None = None,
+    ):
+        """`template_kwargs` are defaults for every rendering (e.g. Qwen3's
+        `enable_thinking=False`); a call's own keywords win."""
         self.tokenizer, self.template, self.source = tokenizer, template, source
+        self.template_kwargs = dict(template_kwargs or {})
         try:
             self._compiled = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
@@ -261,10 +273,12 @@ class TemplateFormat(ChatFormat):
         self._eot = self._end_of_turn()
 
     def __reduce__(self):  # grain worker processes pickle it; the template recompiles
-        return (_template_format, (self.tokenizer, self.template, self.source))
+        args = (self.tokenizer, self.template, self.source, self.template_kwargs)
+        return (_template_format, args)
 
     def describe(self) -> str:
-        return f"template ({self.source})"
+        extra = f" with {self.template_kwargs}" if self.template_kwargs else ""
+        return f"template ({self.source}){extra}"
 
     def render(self, messages, add_generation_prompt=False, **kwargs):
         msgs = check_messages(messages)
@@ -273,6 +287,7 @@ class TemplateFormat(ChatFormat):
     def _render(self, msgs: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
         variables = {
             **self.tokenizer.special_tokens,
+            **self.template_kwargs,
             **kwargs,
             "messages": msgs,
             "add_generation_prompt": add_generation_prompt,
@@ -368,16 +383,15 @@ class TemplateFormat(ChatFormat):
     def encode_text(self, text):
         return self.tokenizer.encode(text)  # the template writes any BOS itself
 
-    def answer_text(self, question, answer_prefix):
-        q = question.rstrip()
-        if q.endswith(answer_prefix.strip()):
-            q = q[: len(q) - len(answer_prefix.strip())].rstrip()
-        opened = self.render([{"role": "user", "content": q}], add_generation_prompt=True)
-        return opened + answer_prefix.strip()
+    def answer_text(self, user_text, assistant_prefix):
+        opened = self.render([{"role": "user", "content": user_text.strip()}], True)
+        return opened + assistant_prefix.lstrip()
 
 
-def _template_format(tokenizer: Tokenizer, template: str, source: str) -> TemplateFormat:
-    return TemplateFormat(tokenizer, template, source=source)
+def _template_format(
+    tokenizer: Tokenizer, template: str, source: str, template_kwargs: dict
+) -> TemplateFormat:
+    return TemplateFormat(tokenizer, template, source=source, template_kwargs=template_kwargs)
 
 
 def _special_strings(tok: Tokenizer) -> list[str]:
@@ -483,11 +497,16 @@ def find_template(directory: str | Path) -> tuple[str, str] | None:
 
 
 def load(
-    path: str | Path | None = None, kind: str = "auto", *, tokenizer: Tokenizer | None = None
+    path: str | Path | None = None,
+    kind: str = "auto",
+    *,
+    tokenizer: Tokenizer | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> ChatFormat:
     """The chat format of a checkpoint directory (`kind="auto"`: its template when it
     has one, else `human_assistant`); `path=None` is the bundled tokenizer's transcript.
-    `tokenizer` defaults to the directory's own (`jaxcai.tokenizer.load`)."""
+    `tokenizer` defaults to the directory's own (`jaxcai.tokenizer.load`);
+    `template_kwargs` are the template's default keywords (ignored by the transcript)."""
     if kind not in KINDS:
         raise ChatError(f"chat={kind!r}: choose one of {KINDS}")
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
@@ -502,7 +521,7 @@ def load(
         )
     if kind == "human_assistant" or found is None:
         return HumanAssistantFormat(tok)
-    return TemplateFormat(tok, found[0], source=found[1])
+    return TemplateFormat(tok, found[0], source=found[1], template_kwargs=template_kwargs)
 
 
 def as_format(value: Tokenizer | ChatFormat) -> ChatFormat:

@@ -101,6 +101,7 @@ class DataConfig:
     # own (trainer.init_from's), else the bundled tokenizer.
     tokenizer: str | None = None
     chat: str = "auto"  # auto | template | human_assistant (jaxcai.chat)
+    chat_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # template keywords
     skip_invalid: bool = False  # count and report bad records instead of failing
 
 

@@ -59,6 +59,7 @@ def chat_format(
     *,
     tokenizer: str | os.PathLike | None = None,
     kind: str = "auto",
+    template_kwargs: dict[str, Any] | None = None,
 ) -> chat.ChatFormat:
     """The tokenizer and chat format to use with a model.
 
@@ -66,17 +67,21 @@ def chat_format(
     (a Hugging Face directory's files, or a run's `tokenizer/`); else the bundled
     tokenizer. `kind="auto"` takes the chat template beside the tokenizer when there is
     one; for a jaxcai run it is the format the run trained with (`data.chat` in its
-    `config.yaml`)."""
+    `config.yaml`, and so are its template keywords unless given)."""
     home = model_home(model_path) if model_path is not None else None
     if tokenizer is None and home is not None and tokenizers.find_tokenizer(home) is not None:
         tokenizer = home
     tok = tokenizers.load(tokenizer)
-    if kind == "auto" and home is not None and (home / "config.yaml").is_file():
-        kind = str(OmegaConf.load(home / "config.yaml").get("data", {}).get("chat") or "auto")
+    if home is not None and (home / "config.yaml").is_file():
+        data = OmegaConf.load(home / "config.yaml").get("data", {})
+        if kind == "auto":
+            kind = str(data.get("chat") or "auto")
+        if template_kwargs is None and data.get("chat_kwargs"):
+            template_kwargs = OmegaConf.to_container(data.chat_kwargs)
     source = None if tokenizer is None else Path(tokenizer).expanduser()
     if source is not None and source.is_file():
         source = source.parent
-    return chat.load(source, kind, tokenizer=tok)
+    return chat.load(source, kind, tokenizer=tok, template_kwargs=template_kwargs)
 
 
 def model_config_of(path: str | os.PathLike, **numerics: Any) -> ModelConfig:

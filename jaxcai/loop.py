@@ -115,7 +115,12 @@ def run_chat_format(cfg: DictConfig) -> ChatFormat:
     own, else the bundled one; `data.chat` picks the format. The chosen kind is written
     into `cfg.data.chat`, so the run's `config.yaml` records it."""
     try:
-        fmt = chat_format(cfg.trainer.init_from, tokenizer=cfg.data.tokenizer, kind=cfg.data.chat)
+        fmt = chat_format(
+            cfg.trainer.init_from,
+            tokenizer=cfg.data.tokenizer,
+            kind=cfg.data.chat,
+            template_kwargs=OmegaConf.to_container(cfg.data.chat_kwargs) or None,
+        )
     except (ChatError, OSError, ValueError) as e:
         raise ConfigError(f"config data.tokenizer / data.chat: {e}") from e
     cfg.data.chat = fmt.kind

@@ -48,12 +48,12 @@ from jaxcai.cai.feedback import (
     preference_records,
     sample_pairs,
 )
-from jaxcai.config import ConfigError, compose, model_config
+from jaxcai.chat import ChatError, ChatFormat
+from jaxcai.config import CHAT_KINDS, ConfigError, compose, model_config
 from jaxcai.data import builders
 from jaxcai.data.training import open_dataset
-from jaxcai.load import load_model, model_config_of
+from jaxcai.load import chat_format, load_model, model_config_of
 from jaxcai.sample import SAMPLING_RULES
-from jaxcai.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class _Run:
 
     cfg: DictConfig
     run_dir: Path
-    tok: Tokenizer
+    chat: ChatFormat  # the policy's tokenizer and chat format (all policies share them)
+    feedback_chat: ChatFormat  # the feedback model's (its own checkpoint's by default)
     constitution: Constitution
     prompts: dict[str, dict[str, list[str]]]  # set -> {"train", "eval"} -> prompts
     prompt_sources: dict[str, Any]
@@ -150,7 +151,7 @@ class _Run:
         return ModelJudge(
             config,
             params,
-            self.tok,
+            self.feedback_chat,
             batch_size=self.cfg.sampling.batch_size,
             temperature=self.cfg.sampling.temperature,
             top_p=self.cfg.sampling.top_p,
@@ -167,6 +168,7 @@ class _Run:
             "prompts": self.prompt_sources,
             "initial_policy": self.outputs.get("initial"),
             "feedback_model": self.cfg.feedback_model or self.outputs.get("initial"),
+            "chat": {"policy": self.chat.describe(), "feedback": self.feedback_chat.describe()},
             "sampling": OmegaConf.to_container(self.cfg.sampling, resolve=True),
             **extra,
         }
@@ -203,6 +205,8 @@ def _stage_initial(run: _Run) -> dict[str, Any]:
     params = model.init_params(config, jax.random.key(run.cfg.seed))
     path = run.run_dir / "initial" / "hf"
     hf.save_pretrained(path, config, params, progress=False)
+    if jax.process_index() == 0:
+        run.chat.tokenizer.save(path)  # a complete model directory with its tokenizer
     return {"outputs": {"model": str(path)}, "stats": {"random_init": True}}
 
 
@@ -218,7 +222,7 @@ def _stage_critique(run: _Run) -> dict[str, Any]:
         out = critique_and_revise(
             config,
             params,
-            run.tok,
+            run.chat,
             run.constitution,
             red[lo:hi],
             rounds=cfg.cai.revision_rounds,
@@ -249,7 +253,7 @@ def _stage_critique(run: _Run) -> dict[str, Any]:
         out = critique_and_revise(
             config,
             params,
-            run.tok,
+            run.chat,
             run.constitution,
             helpful[lo:hi],
             rounds=0,
@@ -312,7 +316,7 @@ def _stage_feedback(run: _Run) -> dict[str, Any]:
         pairs = sample_pairs(
             config,
             params,
-            run.tok,
+            run.chat,
             prompts[lo:hi],
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
@@ -395,6 +399,8 @@ def train_config(run: _Run, stage: str, data: str, init_from: str) -> DictConfig
             raise ConfigError(f"config {key}: {e}") from e
     cfg.data.train = data
     cfg.data.tokenizer = run.cfg.tokenizer
+    cfg.data.chat = run.chat.kind  # every policy keeps the initial policy's format
+    cfg.data.chat_kwargs = getattr(run.chat, "template_kwargs", {})
     cfg.trainer.init_from = init_from
     cfg.trainer.progress = run.progress
     if objective in ("rm", "dpo"):
@@ -467,7 +473,7 @@ def _stage_eval(run: _Run) -> dict[str, Any]:
             out = critique_and_revise(
                 config,
                 params,
-                run.tok,
+                run.chat,
                 run.constitution,
                 prompts,
                 rounds=0,
@@ -487,7 +493,7 @@ def _stage_eval(run: _Run) -> dict[str, Any]:
         scores = {
             name: {
                 s: E.reward_scores(
-                    config, params, run.tok, sets[s], responses[name][s], max_len=max_len
+                    config, params, run.chat, sets[s], responses[name][s], max_len=max_len
                 ).tolist()
                 for s in sets
             }
@@ -526,7 +532,7 @@ def _stage_eval(run: _Run) -> dict[str, Any]:
         results["choice"] = {}
         for path in choice_files(list(cfg.eval.choice_files)):
             report = evaluate_choices(
-                judge.config, judge.params, run.tok, read_choice_file(path), mesh=run.mesh
+                judge.config, judge.params, judge.fmt, read_choice_file(path), mesh=run.mesh
             )
             results["choice"][path.name] = report.summary()
     rows = [
@@ -603,6 +609,9 @@ def validate_cai(cfg: DictConfig) -> None:
     sets = [s for s in cfg.feedback.prompt_sets if s not in ("red_team", "helpful")]
     check(not sets, "feedback.prompt_sets", sets, "choose from red_team, helpful")
     check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
+    for key in ("chat", "feedback_chat"):
+        value = cfg.get(key, "auto")
+        check(value in CHAT_KINDS, key, value, f"choose one of {CHAT_KINDS}")
     check(
         0 <= cfg.prompts.eval_fraction < 1,
         "prompts.eval_fraction",
@@ -616,6 +625,44 @@ def validate_cai(cfg: DictConfig) -> None:
         ">= 1",
     )
     check(cfg.sampling.batch_size >= 1, "sampling.batch_size", cfg.sampling.batch_size, ">= 1")
+
+
+def _chat_formats(cfg: DictConfig) -> tuple[ChatFormat, ChatFormat]:
+    """The policy's and the feedback model's tokenizer and chat format: `tokenizer` /
+    `feedback_tokenizer` when set, else each model's own files, else the bundled
+    tokenizer; `chat` / `feedback_chat` pick the format. Text passes between the two as
+    text, so they may differ. Each tokenizer must fit its model's embeddings."""
+    pairs = [
+        ("policy", "tokenizer", "chat"),
+        ("feedback_model", "feedback_tokenizer", "feedback_chat"),
+    ]
+    formats = []
+    for model_key, tok_key, chat_key in pairs:
+        if model_key == "feedback_model" and not cfg.feedback_model:
+            if cfg.get(tok_key) or cfg.get(chat_key, "auto") != "auto":
+                raise ConfigError(f"config {tok_key}/{chat_key}: set feedback_model too")
+            formats.append(formats[0])
+            continue
+        try:
+            kwargs = cfg.get(f"{chat_key}_kwargs")
+            fmt = chat_format(
+                cfg[model_key],
+                tokenizer=cfg.get(tok_key),
+                kind=cfg.get(chat_key, "auto"),
+                template_kwargs=OmegaConf.to_container(kwargs) if kwargs else None,
+            )
+        except (ChatError, OSError, ValueError) as e:
+            raise ConfigError(f"config {model_key}/{tok_key}/{chat_key}: {e}") from e
+        vocab = model_config_of(cfg[model_key]).vocab_size if cfg[model_key] else None
+        vocab = vocab or model_config(cfg.model).vocab_size
+        if fmt.tokenizer.vocab_size > vocab:
+            raise ConfigError(
+                f"config {tok_key}: {fmt.tokenizer.source} has {fmt.tokenizer.vocab_size} "
+                f"tokens, more than the {model_key}'s {vocab} embeddings"
+            )
+        formats.append(fmt)
+    log.info("chat formats: policy %s, feedback %s", formats[0].describe(), formats[1].describe())
+    return formats[0], formats[1]
 
 
 def _stage_input(run: _Run, stage: str) -> str | None:
@@ -641,10 +688,11 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
                 raise ConfigError(f"config {key}={cfg[key]!r}: {e}") from e
     if jax.process_index() == 0:
         (run_dir / "cai.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tok = Tokenizer.load(cfg.tokenizer)
+    policy_chat, feedback_chat = _chat_formats(cfg)
     prompts, sources = _split_prompts(cfg)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
-    run = _Run(cfg, run_dir, tok, load_constitution(cfg.cai.constitution), prompts, sources, mesh)
+    constitution = load_constitution(cfg.cai.constitution)
+    run = _Run(cfg, run_dir, policy_chat, feedback_chat, constitution, prompts, sources, mesh)
     wanted = set(cfg.stages)
     sampling = wanted & {"critique", "feedback", "eval"}
     if jax.process_count() > 1 and sampling:
