@@ -19,7 +19,7 @@ from jaxcai import model, sharding
 from jaxcai.model_config import ModelConfig, flops_per_token, param_count
 
 
-@hydra.main(config_path="../configs", config_name="bench_forward", version_base=None)
+@hydra.main(config_path="pkg://jaxcai.configs", config_name="bench_forward", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))

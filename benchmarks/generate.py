@@ -102,7 +102,7 @@ def time_transformers(hf_dir: Path, prompts, new_tokens: int, repeats: int) -> f
     return best
 
 
-@hydra.main(config_path="../configs", config_name="bench_generate", version_base=None)
+@hydra.main(config_path="pkg://jaxcai.configs", config_name="bench_generate", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     config = model_config(cfg.model)

@@ -191,7 +191,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../configs", config_name="bench_input_pipeline", version_base=None)
+@hydra.main(
+    config_path="pkg://jaxcai.configs", config_name="bench_input_pipeline", version_base=None
+)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if cfg.kind not in OBJECTIVE:

@@ -223,7 +223,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../configs", config_name="bench_scaling", version_base=None)
+@hydra.main(config_path="pkg://jaxcai.configs", config_name="bench_scaling", version_base=None)
 def main(cfg: DictConfig) -> list[dict]:
     devices = sorted({int(n) for n in cfg.devices})
     check_devices(devices, int(cfg.batch_size))

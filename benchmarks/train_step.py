@@ -138,7 +138,7 @@ def time_transformers(
     }
 
 
-@hydra.main(config_path="../configs", config_name="bench_train_step", version_base=None)
+@hydra.main(config_path="pkg://jaxcai.configs", config_name="bench_train_step", version_base=None)
 def main(cfg: DictConfig) -> dict:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from benchmarks import scaling  # `+devices=N`: rerun as a subprocess on N CPU devices

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from jaxcai import sharding
-from jaxcai.config import CONFIG_DIR, ConfigError, register
+from jaxcai.config import CONFIG_PATH, ConfigError, register
 
 register()
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _table(r: dict) -> str:
     return "\n".join([head, "|" + "---|" * (len(keys) + 3), "| " + " | ".join(row) + " |"])
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="aot", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="aot", version_base=None)
 def main(cfg: DictConfig) -> dict:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     result = report(cfg)

@@ -12,13 +12,13 @@ from omegaconf import DictConfig
 
 from jaxcai.cai.constitution import ConstitutionError
 from jaxcai.cai.pipeline import PipelineError, run_cai
-from jaxcai.config import CONFIG_DIR, ConfigError, register
+from jaxcai.config import CONFIG_PATH, ConfigError, register
 from jaxcai.data.records import DataError
 
 register()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="cai", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="cai", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes

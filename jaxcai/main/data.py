@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai.config import CONFIG_DIR
+from jaxcai.config import CONFIG_PATH
 from jaxcai.data import builders
 from jaxcai.data.records import DataError
 
@@ -26,7 +26,7 @@ def _inputs(spec):
     ]
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="prepare_data", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="prepare_data", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     if cfg.input is None or cfg.output is None:

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import sharding
-from jaxcai.config import CONFIG_DIR, ConfigError
+from jaxcai.config import CONFIG_PATH, ConfigError
 from jaxcai.data.records import DataError, describe_counts
 from jaxcai.data.training import open_dataset
 from jaxcai.evals import choice, generation
@@ -71,7 +71,7 @@ def _sft_records(cfg: DictConfig) -> list[dict[str, Any]]:
     return list(itertools.islice(records, cfg.limit or None))
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> float:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import sharding
-from jaxcai.config import CONFIG_DIR
+from jaxcai.config import CONFIG_PATH
 from jaxcai.data.builders import load as load_dataset
 from jaxcai.data.records import DataError
 from jaxcai.data.training import open_dataset
@@ -39,7 +39,7 @@ def _prompts(cfg: DictConfig) -> list[str]:
     return prompts[: cfg.limit] if cfg.limit else prompts
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="sample", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     logging.getLogger("absl").setLevel(logging.WARNING)

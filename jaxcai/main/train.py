@@ -9,13 +9,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jaxcai.config import CONFIG_DIR, register
+from jaxcai.config import CONFIG_PATH, register
 from jaxcai.loop import run
 
 register()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
