@@ -64,20 +64,30 @@ def chat_format(
     """The tokenizer and chat format to use with a model.
 
     `tokenizer` (a directory, `tokenizer.json` or `.model`) wins; else the model's own
-    (a Hugging Face directory's files, or a run's `tokenizer/`); else the bundled
-    tokenizer. `kind="auto"` takes the chat template beside the tokenizer when there is
-    one; for a jaxcai run it is the format the run trained with (`data.chat` in its
-    `config.yaml`, and so are its template keywords unless given)."""
+    (a Hugging Face directory's files, which must be there, or a run's `tokenizer/`);
+    with no model, the bundled tokenizer. `kind="auto"` takes the chat template beside
+    the tokenizer when there is one; for a jaxcai run it is the format the run trained
+    with (`data.chat` in its `config.yaml`, and so are its template keywords unless
+    given)."""
     home = model_home(model_path) if model_path is not None else None
-    if tokenizer is None and home is not None and tokenizers.find_tokenizer(home) is not None:
-        tokenizer = home
-    tok = tokenizers.load(tokenizer)
+    run_data = {}
     if home is not None and (home / "config.yaml").is_file():
-        data = OmegaConf.load(home / "config.yaml").get("data", {})
-        if kind == "auto":
-            kind = str(data.get("chat") or "auto")
-        if template_kwargs is None and data.get("chat_kwargs"):
-            template_kwargs = OmegaConf.to_container(data.chat_kwargs)
+        run_data = OmegaConf.load(home / "config.yaml").get("data", {}) or {}
+    if tokenizer is None and home is not None:
+        if tokenizers.find_tokenizer(home) is not None:
+            tokenizer = home
+        elif run_data:  # a run from before runs kept their tokenizer: its data.tokenizer
+            tokenizer = run_data.get("tokenizer")
+        else:
+            raise tokenizers.TokenizerError(
+                f"{home}: the model directory has no tokenizer (looked for "
+                f"{', '.join(tokenizers.LOOKED_FOR)}); name one with tokenizer=PATH"
+            )
+    tok = tokenizers.load(tokenizer)
+    if kind == "auto":
+        kind = str(run_data.get("chat") or "auto")
+    if template_kwargs is None and run_data.get("chat_kwargs"):
+        template_kwargs = OmegaConf.to_container(run_data.chat_kwargs)
     source = None if tokenizer is None else Path(tokenizer).expanduser()
     if source is not None and source.is_file():
         source = source.parent

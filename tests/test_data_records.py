@@ -335,7 +335,12 @@ BAD_CASES = {
         "'response' is empty",
     ),
     "number_text": ("text", {"text": 5}, "not_text", "'text' must be text, got int"),
-    "list_text": ("prompts", {"prompt": ["a"]}, "bad_value", "message 0 needs 'role' and 'content'"),
+    "list_text": (
+        "prompts",
+        {"prompt": ["a"]},
+        "bad_value",
+        "message 0 needs 'role' and 'content'",
+    ),
     "dict_text": ("prompts", {"prompt": {"a": 1}}, "not_text", "'prompt' must be text, got dict"),
     "messages_end_assistant": (
         "prompts",
@@ -484,7 +489,9 @@ def test_chat_message_fields(tmp_path):
         ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "d"),
         ("\n\nSystem: Be kind.\n\nHuman: Hi?", "Hey"),
     ]
-    prefs = [{"prompt": sys_user, "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}]
+    prefs = [
+        {"prompt": sys_user, "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}
+    ]
     (rec,) = read(write_jsonl(tmp_path / "p.jsonl", prefs), "preference")
     assert (rec["prompt"], rec["chosen"], rec["rejected"]) == (
         "\n\nSystem: Be kind.\n\nHuman: Hi?",

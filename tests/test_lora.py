@@ -19,6 +19,7 @@ from jaxcai.load import load_model
 from jaxcai.loop import run
 from jaxcai.metrics import read_metrics
 from jaxcai.model_config import LORA_TARGETS, ModelConfig
+from jaxcai.tokenizer import load as load_tokenizer
 
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
 BASE = ModelConfig.tiny()
@@ -150,6 +151,7 @@ def test_lora_run_trains_exports_merged_and_loads_merged(tmp_path):
     c0 = BASE.replace(n_layers=1)
     base = model.init_params(c0, jax.random.key(5))
     hf.save_pretrained(base_dir, c0, base, progress=False)
+    load_tokenizer().save(base_dir)  # a complete directory: weights and tokenizer
     data = tmp_path / "pairs.jsonl"
     pairs = [("Name a colour.", "Blue."), ("Two plus two?", "Four."), ("Say hi.", "Hi!")]
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))

@@ -471,6 +471,7 @@ def test_reward_model_starts_from_a_language_model_checkpoint(tmp_path):
     config = ModelConfig.tiny(n_layers=1)
     lm = model.init_params(config, jax.random.key(7))
     hf.save_pretrained(tmp_path / "lm", config, lm, progress=False)
+    Tokenizer.load().save(tmp_path / "lm")  # a complete directory: weights and tokenizer
     cfg = compose(
         [
             "experiment=smoke_rm",
