@@ -236,6 +236,46 @@ def test_sft_loss_mask_covers_exactly_response_and_eos(tok, prompt, response):
     assert learned[:-1].tolist() == tok.encode(response)
 
 
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    from hf_fixtures import qwen2_dir
+
+    from jaxcai import chat
+
+    return chat.load(qwen2_dir(tmp_path_factory.mktemp("chatml")))
+
+
+def test_template_sft_example_masks_only_the_response_and_its_end_of_turn(chatml):
+    """With a checkpoint's template, an SFT row is its rendering up to the response's
+    `<|im_end|>`; only the response and that token are learned."""
+    tok = chatml.tokenizer
+    prompt = "\n\nSystem: Be brief.\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: A joke?"
+    response = "Why did the 日本 cross? 🌿"
+    raw = {"prompt": prompt, "response": response, "source": "t.jsonl:1"}
+    out = encode_example(raw, chatml, Layout(kind="sft", max_len=256))
+    ids = [*out["tokens"].tolist(), int(out["targets"][-1])]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "A joke?"},
+        {"role": "assistant", "content": response},
+    ]
+    rendered = chatml.render(messages)
+    assert rendered.endswith("<|im_end|>\n")
+    assert tok.decode(ids) == rendered[: -len("\n")]  # ends at the end-of-turn token
+    learned = out["targets"][out["mask"] == 1].tolist()
+    assert tok.decode(learned) == response + "<|im_end|>"
+    first = int(np.argmax(out["mask"]))
+    assert out["mask"][first:].all() and not out["mask"][:first].any()
+    # Truncation keeps the prompt's end and never a BOS the format does not use.
+    short = encode_example(raw, chatml, Layout(kind="sft", max_len=24, max_prompt_len=8))
+    kept = [*short["tokens"].tolist(), int(short["targets"][-1])]
+    start = first + 1  # ids[start:] is the response and its end-of-turn
+    keep = min(start, max(25 - (len(ids) - start), 8))
+    assert len(kept) == 25 and kept == ids[start - keep : start] + ids[start:][: 25 - keep]
+
+
 # ----- truncation ---------------------------------------------------------------------
 
 LONG_PROMPT = "\n\nHuman: " + " ".join(f"{w} {i}" for i, w in enumerate(WORDS * 2))

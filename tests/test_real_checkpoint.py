@@ -18,6 +18,8 @@ from jaxcai.data import builders
 from jaxcai.data.pipeline import Layout, encode_example
 from jaxcai.load import chat_format
 
+pytestmark = pytest.mark.slow  # every stage of the pipeline: minutes on 2 CPU cores
+
 
 def _qwen3_dir(path, vocab_size: int):
     import torch
