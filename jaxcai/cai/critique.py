@@ -7,6 +7,12 @@ samples a revision, which the next round critiques in turn. The constitution's f
 examples come first. Every text is kept (`Revised`), and `sft_pairs` turns them into
 (prompt, revision) pairs for SFT.
 
+Each context is a conversation (`jaxcai.chat` messages): the few-shot examples as
+earlier user/assistant turns, the prompt's turns, then each round's response, critique
+request, critique and revision request; the chat format (`tok`: a `ChatFormat`, or a
+`Tokenizer` for the paper's Human/Assistant transcript) opens it for the assistant's
+answer and says where an answer ends (its end-of-turn ids and stop strings).
+
 Each step is one batched `jaxcai.sample.generate` call over all prompts. A sequence's
 randomness depends on the seed, the prompt's index, the round and the step only (never
 on batching), and the principle draws on the seed only, so a run is reproducible.
@@ -23,13 +29,19 @@ from typing import Any
 import numpy as np
 
 from jaxcai.cai.constitution import Constitution
+from jaxcai.chat import ChatFormat, as_format, messages_from_transcript, transcript_from_messages
 from jaxcai.model import unrolled
 from jaxcai.sample import SAMPLING_RULES, generate, keep_end
-from jaxcai.tokenizer import Tokenizer, answer_context
+from jaxcai.tokenizer import Tokenizer
 
-__all__ = ["Revised", "SamplingSettings", "critique_and_revise", "few_shot_prefix", "sft_pairs"]
-
-STOP = "\n\nHuman:"  # the model starting a new Human turn ends its answer
+__all__ = [
+    "Revised",
+    "SamplingSettings",
+    "critique_and_revise",
+    "few_shot_messages",
+    "few_shot_prefix",
+    "sft_pairs",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,27 +68,43 @@ class Revised:
         return self.rounds[-1]["revision"] if self.rounds else self.initial
 
 
-def few_shot_prefix(constitution: Constitution) -> str:
-    """The critique examples as transcripts (each a full critique -> revision exchange)."""
-    parts = []
+def few_shot_messages(constitution: Constitution) -> list[dict[str, str]]:
+    """The critique examples as conversation turns: per example the user's prompt, the
+    assistant's response, the critique request, the critique, the revision request and
+    the revision."""
+    messages = []
     for ex in constitution.critique_examples:
-        turns = [
-            ("Human", ex.prompt),
-            ("Assistant", ex.response),
-            ("Human", ex.critique_request),
-            ("Assistant", ex.critique),
-            ("Human", ex.revision_request),
-            ("Assistant", ex.revision),
-        ]
-        parts.append("".join(f"\n\n{role}: {text.strip()}" for role, text in turns))
-    return "".join(parts)
+        for role, text in (
+            ("user", ex.prompt),
+            ("assistant", ex.response),
+            ("user", ex.critique_request),
+            ("assistant", ex.critique),
+            ("user", ex.revision_request),
+            ("assistant", ex.revision),
+        ):
+            messages.append({"role": role, "content": text.strip()})
+    return messages
+
+
+def few_shot_prefix(constitution: Constitution) -> str:
+    """The critique examples as a Human/Assistant transcript (each a full critique ->
+    revision exchange)."""
+    return transcript_from_messages(few_shot_messages(constitution))
+
+
+def _conversation(shots: list[dict[str, str]], prompt: str) -> list[dict[str, str]]:
+    """The few-shot turns, then the prompt's (a system message of the prompt goes first,
+    where chat formats expect it)."""
+    messages = messages_from_transcript(prompt)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    return [*system, *shots, *messages[len(system) :]]
 
 
 def _sample(
     config,
     params,
-    tok: Tokenizer,
-    contexts: Sequence[str],
+    fmt: ChatFormat,
+    conversations: Sequence[list[dict[str, str]]],
     seeds: Sequence[int],
     settings: SamplingSettings,
     mesh,
@@ -88,7 +116,7 @@ def _sample(
             f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
             f"model's max_seq_len={config.max_seq_len}"
         )
-    ids = [keep_end(tok.encode(c, add_bos=True), limit) for c in contexts]
+    ids = [keep_end(fmt.prompt_ids(c), limit) for c in conversations]
     out = generate(
         config,
         params,
@@ -98,10 +126,10 @@ def _sample(
         top_k=settings.top_k,
         top_p=settings.top_p,
         seeds=list(seeds),
-        stop_ids=(tok.eos_id,),
-        stop_strings=(STOP,),
-        tokenizer=tok,
-        pad_id=tok.pad_id,
+        stop_ids=fmt.stop_ids,
+        stop_strings=fmt.stop_strings,
+        tokenizer=fmt.tokenizer,
+        pad_id=fmt.tokenizer.pad_id,
         batch_size=settings.batch_size,
         progress=progress,
         mesh=mesh,
@@ -112,7 +140,7 @@ def _sample(
 def critique_and_revise(
     config,
     params,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     constitution: Constitution,
     prompts: Sequence[str],
     *,
@@ -129,7 +157,9 @@ def critique_and_revise(
     `prompts` are transcripts ending on a Human turn (`"\\n\\nHuman: ..."`, as stored in
     prompts datasets). A prompt's principle draws and sampling seeds depend on `seed` and
     its global index (`indices`, default 0..n-1) only, so chunks of a prompt set give the
-    same texts as the whole set at once."""
+    same texts as the whole set at once. `tok` is the chat format the contexts are
+    written in (a `Tokenizer` means its Human/Assistant transcript)."""
+    fmt = as_format(tok)
     if rounds < 0:
         raise ValueError(f"rounds={rounds} must be >= 0")
     indices = list(range(len(prompts))) if indices is None else list(indices)
@@ -143,30 +173,31 @@ def critique_and_revise(
             for i in indices
         ]
     ).reshape(len(prompts), rounds)
-    prefix = few_shot_prefix(constitution) if few_shot else ""
+    shots = few_shot_messages(constitution) if few_shot else []
 
     def seeds(step: int) -> list[int]:  # one stream per (prompt, step), batch independent
         return [int(np.random.default_rng([seed, 1, step, i]).integers(0, 2**31)) for i in indices]
 
-    contexts = [prefix + answer_context(p) for p in prompts]
-    responses = _sample(config, params, tok, contexts, seeds(0), settings, mesh, progress)
+    contexts = [_conversation(shots, p) for p in prompts]
+    sample = lambda step: _sample(
+        config, params, fmt, contexts, seeds(step), settings, mesh, progress
+    )
+    responses = sample(0)
     records = [Revised(p, r, []) for p, r in zip(prompts, responses, strict=True)]
     for r in range(rounds):
         chosen = [constitution.critiques[k] for k in draws[:, r]]
-        contexts = [
-            f"{ctx} {resp}\n\nHuman: {c.critique.strip()}\n\nAssistant:"
-            for ctx, resp, c in zip(contexts, responses, chosen, strict=True)
-        ]
-        critiques = _sample(
-            config, params, tok, contexts, seeds(2 * r + 1), settings, mesh, progress
-        )
-        contexts = [
-            f"{ctx} {crit}\n\nHuman: {c.revision.strip()}\n\nAssistant:"
-            for ctx, crit, c in zip(contexts, critiques, chosen, strict=True)
-        ]
-        responses = _sample(
-            config, params, tok, contexts, seeds(2 * r + 2), settings, mesh, progress
-        )
+        for ctx, resp, c in zip(contexts, responses, chosen, strict=True):
+            ctx += [
+                {"role": "assistant", "content": resp},
+                {"role": "user", "content": c.critique.strip()},
+            ]
+        critiques = sample(2 * r + 1)
+        for ctx, crit, c in zip(contexts, critiques, chosen, strict=True):
+            ctx += [
+                {"role": "assistant", "content": crit},
+                {"role": "user", "content": c.revision.strip()},
+            ]
+        responses = sample(2 * r + 2)
         for rec, c, crit, rev in zip(records, chosen, critiques, responses, strict=True):
             rec.rounds.append(
                 {

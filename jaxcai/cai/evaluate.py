@@ -3,7 +3,8 @@
 All three compare policies by their responses to held-out prompts:
 
 - `reward_scores`: the reward model's scalar for each (prompt, response), read exactly as
-  in reward-model training (the conversation encoded by `jaxcai.data.pipeline`);
+  in reward-model training (the conversation encoded by `jaxcai.data.pipeline` in the
+  chat format, or the Human/Assistant transcript for a bare tokenizer);
 - `preference_rate`: how often the feedback model prefers policy 1's response over
   policy 2's, asked in both orders (`judge_pairs`, so position bias cancels);
 - `harm_share`: the share of responses the feedback model calls harmful (its probability
@@ -20,6 +21,7 @@ import numpy as np
 
 from jaxcai.cai.constitution import Constitution
 from jaxcai.cai.feedback import FeedbackSettings, Judge, judge_pairs
+from jaxcai.chat import ChatFormat, as_format
 from jaxcai.data.pipeline import Layout, encode_response, pad_rows
 from jaxcai.data.records import conversation_text
 from jaxcai.model import reward_forward
@@ -31,7 +33,7 @@ __all__ = ["harm_share", "preference_rate", "reward_scores", "summary"]
 def reward_scores(
     config,
     params,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     prompts: Sequence[str],
     responses: Sequence[str],
     *,
@@ -39,9 +41,12 @@ def reward_scores(
     batch_size: int = 32,
 ) -> np.ndarray:
     """The reward model's score of each response (float32 `[N]`), over-long conversations
-    truncated as in training (keep the prompt's end and the response's start)."""
+    truncated as in training (keep the prompt's end and the response's start). `tok` is
+    the chat format the reward model was trained in (a `Tokenizer`: its Human/Assistant
+    transcript)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    pad_id = as_format(tok).tokenizer.pad_id
     layout = Layout("preference", max_len or config.max_seq_len)
     rows = [
         encode_response(tok, p, r or " ", layout, f"response {i}")
@@ -51,9 +56,9 @@ def reward_scores(
     out = np.zeros(len(rows), np.float32)
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo : lo + batch_size]
-        arrays = pad_rows(batch, layout, tok.pad_id, layout.max_len)
+        arrays = pad_rows(batch, layout, pad_id, layout.max_len)
         filler = batch_size - len(batch)  # one shape for every batch: one compile
-        tokens = np.pad(arrays["tokens"], ((0, filler), (0, 0)), constant_values=tok.pad_id)
+        tokens = np.pad(arrays["tokens"], ((0, filler), (0, 0)), constant_values=pad_id)
         segments = np.pad(arrays["segment_ids"], ((0, filler), (0, 0)))
         out[lo : lo + len(batch)] = np.asarray(score(params, tokens, segments))[: len(batch)]
     return out

@@ -15,8 +15,12 @@ normalised probability it gives the ` (A)` vs ` (B)` continuations (`jaxcai.samp
   probabilities are overconfident, so each is clamped to [0.4, 0.6] as in the paper.
 
 The feedback model is any `Judge`: a callable from question texts to `[N, 2]` option
-probabilities. `ModelJudge` asks a language model (scoring the ids the options get after
-"The answer is:"); tests pass constructed judges.
+probabilities. `ModelJudge` asks a language model in its chat format: the question is
+the user's turn and the options are scored as the start of the assistant's answer, which
+begins with "The answer is:" (or, with chain of thought, with "Let's think step by
+step:", the reasoning and "The answer is:"; see `split_question`). With the
+Human/Assistant transcript (a bare `Tokenizer`) that is the question text itself, as in
+the paper. Tests pass constructed judges.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcai.cai.constitution import ANSWER_SUFFIX, Constitution
+from jaxcai.chat import ChatFormat, as_format, messages_from_transcript
+from jaxcai.evals.choice import option_ids
 from jaxcai.model import unrolled
-from jaxcai.sample import SAMPLING_RULES, choose, generate, keep_end
-from jaxcai.tokenizer import Tokenizer, answer_context
+from jaxcai.sample import SAMPLING_RULES, generate, keep_end, score
+from jaxcai.tokenizer import Tokenizer
 
 __all__ = [
     "COT_CUE",
@@ -43,11 +51,11 @@ __all__ = [
     "judge_pairs",
     "preference_records",
     "sample_pairs",
+    "split_question",
 ]
 
 OPTIONS = (" (A)", " (B)")
 COT_CUE = "Let's think step by step:"
-STOP = "\n\nHuman:"
 
 
 class Judge(Protocol):
@@ -91,14 +99,37 @@ class Judgement:
         return all((a > 0.5) == (b > 0.5) for a, b in zip(self.p_ab, self.p_ba, strict=True))
 
 
+def split_question(question: str) -> tuple[str, str]:
+    """(user part, assistant prefix) of a feedback question: what the user asks and how
+    the assistant's answer begins. A chain-of-thought question's prefix starts at its
+    last "Let's think step by step:" and runs to the end (the cue alone when the
+    reasoning is still to be sampled; the cue, the reasoning and "The answer is:" when
+    the answer is to be scored); otherwise the prefix is the final "The answer is:" (and
+    whatever blank follows it), or empty when the question does not end with one.
+    `user + prefix == question`."""
+    cue = question.rfind(COT_CUE)
+    if cue >= 0:
+        tail = question[cue:].rstrip()
+        if tail.endswith(COT_CUE) or (
+            tail.endswith(ANSWER_SUFFIX) and tail.count(ANSWER_SUFFIX) == 1
+        ):
+            return question[:cue], question[cue:]
+    answer = question.rfind(ANSWER_SUFFIX)
+    if answer >= 0 and not question[answer + len(ANSWER_SUFFIX) :].strip():
+        return question[:answer], question[answer:]
+    return question, ""
+
+
 class ModelJudge:
-    """A language model as the feedback model: `choose` over the ` (A)`/` (B)` tokens."""
+    """A language model as the feedback model: the ` (A)`/` (B)` continuations of each
+    question scored in the model's chat format (`tok`: a `ChatFormat`, or a `Tokenizer`
+    for the Human/Assistant transcript, where the question is plain text)."""
 
     def __init__(
         self,
         config,
         params,
-        tok: Tokenizer,
+        tok: Tokenizer | ChatFormat,
         *,
         batch_size: int = 32,
         temperature: float = 1.0,
@@ -108,34 +139,46 @@ class ModelJudge:
     ):
         """`temperature` and `top_p` shape the sampled chain-of-thought texts only."""
         self.config, self.params = unrolled(config, params, mesh, SAMPLING_RULES)
-        self.tok, self.batch_size, self.mesh, self.progress = tok, batch_size, mesh, progress
+        self.fmt = as_format(tok)
+        self.tok = self.fmt.tokenizer
+        self.batch_size, self.mesh, self.progress = batch_size, mesh, progress
         self.temperature, self.top_p = temperature, top_p
-        # The ids " (A)" / " (B)" get after "The answer is:" (not encoded on their own).
-        self.options = [tok.split_continuation(ANSWER_SUFFIX, o, add_bos=False)[1] for o in OPTIONS]
 
-    def _ids(self, text: str, room: int) -> list[int]:
-        return keep_end(self.tok.encode(text, add_bos=True), self.config.max_seq_len - room)
+    def context(self, question: str) -> str:
+        """The text the model reads for a question: its user part asked by the user and
+        the assistant's answer begun with its prefix (`split_question`)."""
+        return self.fmt.answer_text(*split_question(question))
 
     def __call__(self, questions: Sequence[str]) -> np.ndarray:
         if not questions:
             return np.zeros((0, 2), np.float32)
-        room = max(len(o) for o in self.options)
-        return choose(
+        prompts, options = [], []
+        for q in questions:
+            # The ids each option gets after the context, encoded together (on its own,
+            # " (A)" may tokenize differently from how the model sees it there).
+            context = self.context(q)
+            pairs = [option_ids(self.fmt, context, o) for o in OPTIONS]
+            limit = self.config.max_seq_len - max(len(c) for _, c in pairs)
+            prompts += [keep_end(p, limit) for p, _ in pairs]
+            options += [c for _, c in pairs]
+        logps = score(
             self.config,
             self.params,
-            [self._ids(q, room) for q in questions],
-            self.options,
+            prompts,
+            options,
             pad_id=self.tok.pad_id,
             batch_size=self.batch_size,
             mesh=self.mesh,
             progress=self.progress,
-        )
+        ).reshape(len(questions), len(OPTIONS))
+        return np.asarray(jax.nn.softmax(jnp.asarray(logps, jnp.float32), axis=-1))
 
     def reason(
         self, questions: Sequence[str], seeds: Sequence[int], max_new_tokens: int
     ) -> list[str]:
         """Sampled chain-of-thought texts, one per question (ending before an answer)."""
-        ids = [self._ids(q, max_new_tokens) for q in questions]
+        limit = self.config.max_seq_len - max_new_tokens
+        ids = [keep_end(self.fmt.encode_text(self.context(q)), limit) for q in questions]
         out = generate(
             self.config,
             self.params,
@@ -144,8 +187,8 @@ class ModelJudge:
             temperature=self.temperature,
             top_p=self.top_p,
             seeds=list(seeds),
-            stop_ids=(self.tok.eos_id,),
-            stop_strings=(STOP, ANSWER_SUFFIX),
+            stop_ids=self.fmt.stop_ids,
+            stop_strings=(*self.fmt.stop_strings, ANSWER_SUFFIX),
             tokenizer=self.tok,
             pad_id=self.tok.pad_id,
             batch_size=self.batch_size,
@@ -285,7 +328,7 @@ def judge_pairs(
 def sample_pairs(
     config,
     params,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
@@ -298,10 +341,13 @@ def sample_pairs(
     mesh=None,
     progress: bool = False,
 ) -> list[tuple[str, str]]:
-    """Two sampled responses per prompt from the policy (seeded per prompt index)."""
+    """Two sampled responses per prompt from the policy (seeded per prompt index), each
+    prompt opened for the assistant's answer in the chat format `tok` (a `Tokenizer`
+    means its Human/Assistant transcript)."""
+    fmt = as_format(tok)
     indices = list(range(len(prompts))) if indices is None else list(indices)
     limit = config.max_seq_len - max_new_tokens
-    ids = [keep_end(tok.encode(answer_context(p), add_bos=True), limit) for p in prompts]
+    ids = [keep_end(fmt.prompt_ids(messages_from_transcript(p)), limit) for p in prompts]
     out = generate(
         config,
         params,
@@ -312,10 +358,10 @@ def sample_pairs(
         top_p=top_p,
         seeds=[int(_rng(seed, 4, i).integers(0, 2**31)) for i in indices],
         num_samples=2,
-        stop_ids=(tok.eos_id,),
-        stop_strings=(STOP,),
-        tokenizer=tok,
-        pad_id=tok.pad_id,
+        stop_ids=fmt.stop_ids,
+        stop_strings=fmt.stop_strings,
+        tokenizer=fmt.tokenizer,
+        pad_id=fmt.tokenizer.pad_id,
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,

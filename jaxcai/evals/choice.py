@@ -17,6 +17,12 @@ difference on count as the option's. (Encoding the option alone would be wrong w
 sentencepiece tokenizer, which prefixes a word boundary to every text it encodes.)
 A prompt too long for the model keeps its bos and its end.
 
+In a checkpoint's chat template (a `jaxcai.chat.TemplateFormat` passed for `tok`) the
+prompt is the user's turn and each option the start of the assistant's answer: the
+scored text is `fmt.answer_text(prompt, "") + option` (the option without its leading
+blank, as an answer begins). A `Tokenizer`, or the Human/Assistant format, scores the
+raw `prompt + option` as above.
+
 Per item, the options' log-probs (summed over their tokens, or their per-token mean with
 `normalize="mean"`) are softmaxed into probabilities. The prediction is the most
 probable option; an item counts as correct only when some correct option beats every
@@ -38,6 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxcai.chat import ChatFormat, HumanAssistantFormat, as_format
 from jaxcai.data.records import DataError, expand_inputs, read_lines
 from jaxcai.model_config import ModelConfig
 from jaxcai.sample import score
@@ -55,6 +62,7 @@ __all__ = [
     "choice_files",
     "encode_options",
     "evaluate_choices",
+    "option_ids",
     "read_choice_file",
 ]
 
@@ -355,28 +363,55 @@ class ChoiceReport:
         return "\n".join(lines)
 
 
+def option_ids(fmt: ChatFormat, context: str, option: str) -> tuple[list[int], list[int]]:
+    """(context ids, option ids) of `context + option` encoded as one text the way the
+    format encodes its renderings (`fmt.encode_text`: a BOS first for the Human/Assistant
+    transcript, none added to a template's text): the option's ids are the ones the model
+    sees after the context; tokens merged across the join count as the option's."""
+    add_bos = isinstance(fmt, HumanAssistantFormat)
+    return fmt.tokenizer.split_continuation(context, option, add_bos=add_bos)
+
+
+def _scored_texts(fmt: ChatFormat, item: ChoiceItem) -> tuple[str, list[str]]:
+    """(context, options) as scored: the raw prompt and options for the Human/Assistant
+    format; in a template the prompt as the user's turn and each option (without its
+    leading blank, unless that would make two options equal) beginning the answer."""
+    if isinstance(fmt, HumanAssistantFormat):
+        return item.prompt, list(item.options)
+    stripped = [o.lstrip() for o in item.options]
+    if len(set(stripped)) < len(stripped):
+        stripped = list(item.options)
+    return fmt.answer_text(item.prompt, ""), stripped
+
+
 def encode_options(
-    tok: Tokenizer, item: ChoiceItem, max_len: int
+    tok: Tokenizer | ChatFormat, item: ChoiceItem, max_len: int
 ) -> tuple[list[list[int]], list[list[int]], bool]:
     """(prompt ids, option ids) per option and whether prompts were cut to fit `max_len`
     (they keep their bos and their end; every option gets the same prompt length)."""
-    pairs = [tok.split_continuation(item.prompt, o) for o in item.options]
+    fmt = as_format(tok)
+    context, options = _scored_texts(fmt, item)
+    pairs = [option_ids(fmt, context, o) for o in options]
     longest = max(len(p) + len(c) for p, c in pairs)
     excess = longest - 1 - max_len  # score runs len(prompt) + len(option) - 1 positions
     if excess <= 0:
         return [p for p, _ in pairs], [c for _, c in pairs], False
+    # The Human/Assistant text keeps its first id (the bos); a template's text keeps its
+    # first id only when that is the bos the template wrote.
+    bos = fmt.tokenizer.bos_id
     prompts = []
     for p, _ in pairs:
-        if len(p) - excess < 2:
+        lead = 1 if isinstance(fmt, HumanAssistantFormat) or (p[:1] == [bos]) else 0
+        if len(p) - excess < 1 + lead:
             raise ValueError(f"{item.source}: an option is too long for max_seq_len={max_len}")
-        prompts.append([p[0], *p[1 + excess :]])
+        prompts.append([*p[:lead], *p[lead + excess :]])
     return prompts, [c for _, c in pairs], True
 
 
 def evaluate_choices(
     config: ModelConfig,
     params: Any,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     items: Sequence[ChoiceItem],
     *,
     batch_size: int = 32,
@@ -385,14 +420,16 @@ def evaluate_choices(
     progress: bool = False,
 ) -> ChoiceReport:
     """Score every option of every item in batches with `jaxcai.sample.score` and report
-    accuracy, calibration and per-item results."""
+    accuracy, calibration and per-item results. `tok` is a `Tokenizer` (the raw prompt +
+    option) or a `ChatFormat` (see the module docstring)."""
+    fmt = as_format(tok)
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize={normalize!r}: choose one of {NORMALIZE}")
     if not items:
         raise ValueError("no choice items to evaluate")
     flat_p, flat_c, truncated = [], [], 0
     for item in items:
-        prompts, options, cut = encode_options(tok, item, config.max_seq_len)
+        prompts, options, cut = encode_options(fmt, item, config.max_seq_len)
         flat_p += prompts
         flat_c += options
         truncated += cut
@@ -401,7 +438,7 @@ def evaluate_choices(
         params,
         flat_p,
         flat_c,
-        pad_id=tok.pad_id,
+        pad_id=fmt.tokenizer.pad_id,
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,

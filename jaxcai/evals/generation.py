@@ -2,10 +2,13 @@
 
 Each record is an SFT record (`prompt`: a transcript ending on a Human turn, `response`:
 the reference answer), as `PreparedDataset.records(split)` or
-`read_records(path, "sft")` give them. The model continues `prompt.rstrip() +
-"\\n\\nAssistant:"` (with bos; a prompt too long for the model keeps its bos and its
-end) until eos, the start of a new Human turn, or `max_new_tokens`; greedy by default.
-Predictions and references are stripped and scored with `jaxcai.evals.text`.
+`read_records(path, "sft")` give them. The prompt's conversation is opened for the
+assistant's answer in the chat format (`fmt.prompt_ids`; with a bare `Tokenizer`, the
+Human/Assistant transcript `bos + prompt.rstrip() + "\\n\\nAssistant:"`); a prompt too
+long for the model keeps its first id and its end. The model continues it until a stop
+id of the format (eos, a template's end-of-turn token), one of its stop strings (the
+start of a new Human turn) or `max_new_tokens`; greedy by default. Predictions and
+references are stripped and scored with `jaxcai.evals.text`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import jax
 
+from jaxcai.chat import ChatFormat, HumanAssistantFormat, as_format, messages_from_transcript
 from jaxcai.evals.text import text_metrics
 from jaxcai.model_config import ModelConfig
 from jaxcai.sample import generate, keep_end
@@ -22,7 +26,9 @@ from jaxcai.tokenizer import Tokenizer, answer_context
 
 __all__ = ["STOP", "evaluate_generation", "metrics_markdown", "sampling_prompt"]
 
-STOP = "\n\nHuman:"  # the model starting the next Human turn ends its answer
+# The Human/Assistant format's stop string (kept for callers; generation stops at the
+# format's own `stop_strings`).
+STOP = HumanAssistantFormat.stop_strings[0]
 
 
 sampling_prompt = answer_context  # the transcript with an open Assistant turn
@@ -31,7 +37,7 @@ sampling_prompt = answer_context  # the transcript with an open Assistant turn
 def evaluate_generation(
     config: ModelConfig,
     params: Any,
-    tok: Tokenizer,
+    tok: Tokenizer | ChatFormat,
     records: Iterable[Mapping[str, Any]],
     *,
     max_new_tokens: int,
@@ -46,7 +52,9 @@ def evaluate_generation(
     """Generate an answer per record and score it against the record's `response`.
 
     Returns `{"n", "truncated", "metrics": text_metrics(...), "examples": [{"source",
-    "prompt", "reference", "prediction", "stop_reason"}, ...]}`."""
+    "prompt", "reference", "prediction", "stop_reason"}, ...]}`. `tok` is the chat format
+    (a `Tokenizer` means its Human/Assistant transcript)."""
+    fmt = as_format(tok)
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
@@ -58,7 +66,7 @@ def evaluate_generation(
         )
     ids, truncated = [], 0
     for r in records:
-        full = tok.encode(answer_context(r["prompt"]), add_bos=True)
+        full = fmt.prompt_ids(messages_from_transcript(r["prompt"]))
         ids.append(keep_end(full, limit))
         truncated += len(full) > limit
     out = generate(
@@ -70,10 +78,10 @@ def evaluate_generation(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        stop_ids=(tok.eos_id,),
-        stop_strings=(STOP,),
-        tokenizer=tok,
-        pad_id=tok.pad_id,
+        stop_ids=fmt.stop_ids,
+        stop_strings=fmt.stop_strings,
+        tokenizer=fmt.tokenizer,
+        pad_id=fmt.tokenizer.pad_id,
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,

@@ -1,9 +1,11 @@
 """Evaluation entry point: `jaxcai-eval [overrides]` (see `configs/eval.yaml`).
 
 Loads a model (Hugging Face directory, jaxcai run, or a random `model` for smoke tests)
-and runs one task: `choice` scores multiple-choice items (`jaxcai.evals.choice`),
-`generation` answers SFT prompts and compares with the references
-(`jaxcai.evals.generation`). Prints a markdown table and writes the JSON report.
+with its tokenizer and chat format (`jaxcai.main.chat_for`: the checkpoint's own unless
+`tokenizer=` / `chat=` say otherwise) and runs one task: `choice` scores
+multiple-choice items (`jaxcai.evals.choice`), `generation` answers SFT prompts and
+compares with the references (`jaxcai.evals.generation`). Prints a markdown table and
+writes the JSON report.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from jaxcai.config import CONFIG_PATH, ConfigError
 from jaxcai.data.records import DataError, describe_counts
 from jaxcai.data.training import open_dataset
 from jaxcai.evals import choice, generation
-from jaxcai.main import language_model
+from jaxcai.main import chat_for, language_model
 from jaxcai.sample import SAMPLING_RULES
-from jaxcai.tokenizer import Tokenizer
 
 DEFAULT_DATASET = {"choice": "bundled:choice_smoke.jsonl", "generation": "bundled:sft.jsonl"}
 
@@ -77,24 +78,24 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         check_config(cfg)
-        tok = Tokenizer.load(cfg.tokenizer)
+        fmt = chat_for(cfg.tokenizer, cfg.chat, cfg.checkpoint, "jaxcai-eval", cfg.chat_kwargs)
         data = _choice_items(cfg) if cfg.task == "choice" else _sft_records(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
         sys.exit(f"jaxcai-eval: {e}")
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     with sharding.use_mesh(mesh, SAMPLING_RULES):
-        config, params = language_model(cfg, mesh, tok, "jaxcai-eval", "score text")
+        config, params = language_model(cfg, mesh, fmt, "jaxcai-eval", "score text")
         common = dict(batch_size=cfg.batch_size, mesh=mesh, progress=cfg.progress)
         if cfg.task == "choice":
             report = choice.evaluate_choices(
-                config, params, tok, data, normalize=cfg.normalize, **common
+                config, params, fmt, data, normalize=cfg.normalize, **common
             )
             result, table, headline = report.to_dict(), report.markdown(), report.accuracy
         else:
             result = generation.evaluate_generation(
                 config,
                 params,
-                tok,
+                fmt,
                 data,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
@@ -111,6 +112,8 @@ def main(cfg: DictConfig) -> float:
             "task": cfg.task,
             "checkpoint": cfg.checkpoint,
             "dataset": _dataset_spec(cfg),
+            "tokenizer": fmt.tokenizer.source,
+            "chat": fmt.describe(),
         } | result
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {path}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """Sampling entry point: `jaxcai-sample [overrides]` (see `configs/sample.yaml`).
 
-Loads a model (Hugging Face directory, jaxcai run, or a random `model` for smoke tests),
-formats each prompt as a Human turn with an open Assistant turn, samples with
-`jaxcai.sample.generate` and writes one JSON line per sample.
+Loads a model (Hugging Face directory, jaxcai run, or a random `model` for smoke tests)
+and its tokenizer and chat format (`jaxcai.main.chat_for`: the checkpoint's own unless
+`tokenizer=` / `chat=` say otherwise), opens each prompt's conversation for the
+assistant's answer in that format, samples with `jaxcai.sample.generate` until the
+format's stop ids or stop strings, and writes one JSON line per sample.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import sharding
+from jaxcai.chat import ChatError, ChatFormat, HumanAssistantFormat, messages_from_transcript
 from jaxcai.config import CONFIG_PATH
 from jaxcai.data.builders import load as load_dataset
 from jaxcai.data.records import DataError
 from jaxcai.data.training import open_dataset
-from jaxcai.main import language_model
+from jaxcai.main import chat_for, language_model
 from jaxcai.model_config import param_count
 from jaxcai.sample import SAMPLING_RULES, generate
-from jaxcai.tokenizer import Tokenizer
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
@@ -39,19 +41,34 @@ def _prompts(cfg: DictConfig) -> list[str]:
     return prompts[: cfg.limit] if cfg.limit else prompts
 
 
+def _shown(fmt: ChatFormat, messages: list[dict], prompt: str, response: str) -> str:
+    """One sample as printed: the Human/Assistant transcript answered, or a template's
+    rendering of the opened conversation followed by the response."""
+    if isinstance(fmt, HumanAssistantFormat):
+        return f"{prompt}\n\nAssistant: {response}\n"
+    return f"{fmt.render(messages, add_generation_prompt=True)}{response}\n"
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="sample", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU probe noise
     logging.getLogger("absl").setLevel(logging.WARNING)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
+    fmt = chat_for(cfg.tokenizer, cfg.chat, cfg.checkpoint, "jaxcai-sample", cfg.chat_kwargs)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     try:
         texts = _prompts(cfg)
-    except DataError as e:
+        conversations = [messages_from_transcript(t) for t in texts]
+        ids = [fmt.prompt_ids(m) for m in conversations]
+    except (DataError, ChatError) as e:
         sys.exit(f"jaxcai-sample: {e}")
+    if cfg.stop_strings is None:
+        stop_strings = fmt.stop_strings  # the format's ("\n\nHuman:" for the transcript)
+    elif isinstance(cfg.stop_strings, str):
+        stop_strings = (cfg.stop_strings,)
+    else:
+        stop_strings = tuple(OmegaConf.to_container(cfg.stop_strings))
     with sharding.use_mesh(mesh, SAMPLING_RULES):
-        config, params = language_model(cfg, mesh, tokenizer, "jaxcai-sample", "generate")
-        ids = [tokenizer.encode(t + "\n\nAssistant:", add_bos=True) for t in texts]
+        config, params = language_model(cfg, mesh, fmt, "jaxcai-sample", "generate")
         out = generate(
             config,
             params,
@@ -62,17 +79,18 @@ def main(cfg: DictConfig) -> None:
             top_p=cfg.top_p,
             seed=cfg.seed,
             num_samples=cfg.num_samples,
-            stop_ids=(tokenizer.eos_id,),
-            stop_strings=tuple(OmegaConf.to_container(cfg.stop_strings) or ()),
-            tokenizer=tokenizer,
-            pad_id=tokenizer.pad_id,
+            stop_ids=fmt.stop_ids,
+            stop_strings=stop_strings,
+            tokenizer=fmt.tokenizer,
+            pad_id=fmt.tokenizer.pad_id,
             batch_size=cfg.batch_size,
             mesh=mesh,
             rules=SAMPLING_RULES,
             progress=cfg.progress,
         )
     print(
-        f"model: {param_count(config) / 1e6:.1f}M params, {len(out.tokens)} samples",
+        f"model: {param_count(config) / 1e6:.1f}M params, {len(out.tokens)} samples; "
+        f"tokenizer {fmt.tokenizer.source}, chat format {fmt.describe()}",
         file=sys.stderr,
     )
     lines = []
@@ -98,7 +116,8 @@ def main(cfg: DictConfig) -> None:
         print(f"wrote {len(lines)} samples to {path}", file=sys.stderr)
     else:
         for line in lines:
-            print(f"{line['prompt']}\n\nAssistant: {line['response']}\n")
+            messages = conversations[line["index"]]
+            print(_shown(fmt, messages, line["prompt"], line["response"]))
 
 
 if __name__ == "__main__":
