@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2) as Flax modules used purely.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma-3 text) as Flax modules
+used purely.
 
 Use the functions at the bottom (`init_params`, `forward`, `forward_with_cache`,
 `reward_forward`): they take a `ModelConfig` and a params pytree of plain arrays.
@@ -19,6 +20,11 @@ used in array names:
 
 Segment ids mark which example each token belongs to (0 = padding): a token attends
 only to earlier tokens of its own segment, so packed sequences never mix.
+
+Layers of two kinds (Gemma-3's `layer_types`): sliding-window layers and global layers,
+each kind with its own mask and RoPE frequencies. The caller builds one mask per kind
+(`_kind_windows`); each layer picks its own, statically when layers are unrolled and by
+a scanned per-layer flag when they are one `nn.scan`-ned module.
 """
 
 from __future__ import annotations
@@ -84,13 +90,19 @@ def _param(
 # ----- rotary embeddings --------------------------------------------------------------
 
 
-def rope_inv_frequencies(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2], with Llama-3 scaling when `config.rope_scaling` is set."""
+def rope_inv_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [H/2] of global layers (scaled by `config.rope_scaling` when
+    set), or with `local` of sliding-window layers (`rope_local_theta`, unscaled)."""
     h = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-    s = config.rope_scaling
+    theta = config.rope_theta
+    if local and config.rope_local_theta is not None:
+        theta = config.rope_local_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    s = None if local else config.rope_scaling
     if s is None:
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -151,14 +163,23 @@ def _project(
 
 
 class RMSNorm(nn.Module):
+    """RMS norm over the last axis (logically `axis`): `w * norm(x)` in the compute dtype,
+    or with `norm_style="gemma"` `(1 + w) * norm(x)` in float32 (w starts at zero)."""
+
     config: ModelConfig
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
-        scale_D = _param(self, "scale", (x_BTD.shape[-1],), ("embed",), nn.initializers.ones)
+        c = self.config
+        gemma = c.norm_style == "gemma"
+        init = nn.initializers.zeros if gemma else nn.initializers.ones
+        scale_D = _param(self, "scale", (x_BTD.shape[-1],), (self.axis,), init)
         x = x_BTD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return x.astype(self.config.jnp_dtype) * scale_D.astype(self.config.jnp_dtype)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.rms_norm_eps)
+        if gemma:
+            return (x * (1.0 + scale_D.astype(jnp.float32))).astype(c.jnp_dtype)
+        return x.astype(c.jnp_dtype) * scale_D.astype(c.jnp_dtype)
 
 
 class Attention(nn.Module):
@@ -169,13 +190,15 @@ class Attention(nn.Module):
         self,
         x_BTD: Array,
         positions_BT: Array,
+        inv_freq: Array,
         mask_B1TS: Array,
         cache: tuple[Array, Array, Array] | None,
     ):
-        """`cache`, when given, is this layer's read-only (keys, values) of earlier slots
-        `[B, K, S, H]` and their mask `[B, 1, T, S]`; `mask_B1TS` then covers the new
-        tokens among themselves `[B, 1, T, T]`. Returns the output and the new tokens'
-        (keys, values), which the caller writes into the cache."""
+        """`inv_freq` [H/2] are this layer's RoPE frequencies. `cache`, when given, is this
+        layer's read-only (keys, values) of earlier slots `[B, K, S, H]` and their mask
+        `[B, 1, T, S]`; `mask_B1TS` then covers the new tokens among themselves
+        `[B, 1, T, T]`. Returns the output and the new tokens' (keys, values), which the
+        caller writes into the cache."""
         c = self.config
         D, N, K, H, dt = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.jnp_dtype
         q = _project(self, "q", x_BTD, "d,nh", (D, N, H), ("embed", "heads", "head_dim"))
@@ -189,16 +212,19 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        inv_freq = rope_inv_frequencies(c)
+        if c.qk_norm:  # per head, before the rotation
+            q = RMSNorm(c, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c, "head_dim", name="k_norm")(k)
         q = apply_rope(q, positions_BT, inv_freq)
         k = apply_rope(k, positions_BT, inv_freq)
 
+        scale = 1.0 / math.sqrt(c.query_pre_attn_scalar or H)
         if cache is None:
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask_B1TS, scale=1.0 / math.sqrt(H), implementation=c.attention_impl
+                q, k, v, mask=mask_B1TS, scale=scale, implementation=c.attention_impl
             )
         else:
-            out = _attend_with_cache(q, k, v, *cache, mask_B1TS, 1.0 / math.sqrt(H))
+            out = _attend_with_cache(q, k, v, *cache, mask_B1TS, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = _project(self, "o", out, "nh,d", (N, H, D), ("heads", "head_dim", "embed"))
         if c.out_bias:
@@ -238,7 +264,12 @@ def _attend_with_cache(
     return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
+_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": partial(nn.gelu, approximate=True)}
+
+
 class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
     config: ModelConfig
 
     @nn.compact
@@ -251,19 +282,51 @@ class MLP(nn.Module):
         if c.mlp_bias:
             gate = gate + _param(self, "gate_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
             up = up + _param(self, "up_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
-        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = constrain(_ACTIVATIONS[c.mlp_activation](gate) * up, ("batch", "length", "mlp"))
         y = _project(self, "down", h, "f,d", (c.d_ff, c.d_model), ("mlp", "embed"))
         if c.mlp_bias:
             y = y + _param(self, "down_bias", (c.d_model,), ("embed",), zeros).astype(dt)
         return constrain(y, ("batch", "length", "embed"))
 
 
+def _kind_windows(config: ModelConfig) -> tuple[int | None, ...]:
+    """The window of each kind of layer: (global,) or, with sliding layers in
+    `layer_types`, (global, sliding). Masks and RoPE tables come in tuples like this."""
+    if config.layer_types is None:
+        return (config.sliding_window,)
+    return (None, config.sliding_window) if any(config.local_layers) else (None,)
+
+
+def _kind_masks(
+    config: ModelConfig, q_slots_T: Array, kv_slots_S: Array, q_seg_BT: Array, kv_seg_BS: Array
+) -> tuple[Array, ...]:
+    """One attention mask [B, 1, T, S] per kind of layer (`_kind_windows`)."""
+    return tuple(
+        attention_mask(q_slots_T, kv_slots_S, q_seg_BT, kv_seg_BS, window)
+        for window in _kind_windows(config)
+    )
+
+
+def _pick(per_kind: tuple[Any, ...], local: bool | Array) -> Any:
+    """This layer's entry of a per-kind tuple: chosen statically for an unrolled layer
+    (`local` a Python bool), by a traced flag under scan."""
+    if len(per_kind) == 1:
+        return per_kind[0]
+    if isinstance(local, bool):
+        return per_kind[1] if local else per_kind[0]
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(local, b, a), *per_kind)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
-    `return_kv` it also returns the new tokens' (keys, values) for a KV cache."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (Gemma-3 norms
+    the attention and MLP outputs too); with `return_kv` it also returns the new tokens'
+    (keys, values) for a KV cache. `local` (unrolled) or the `local_flag` argument
+    (scanned) says whether this is a sliding-window layer; `masks_B1TS` and
+    `masks_old_B1TS` hold one mask per kind of layer (`_kind_masks`)."""
 
     config: ModelConfig
     return_kv: bool = False
+    local: bool | None = None
 
     @nn.compact
     def __call__(
@@ -271,27 +334,39 @@ class Block(nn.Module):
         x_BTD: Array,
         cache: tuple[Array, Array] | None,
         positions_BT: Array,
-        mask_B1TS: Array,
-        mask_old_B1TS: Array | None,
+        masks_B1TS: tuple[Array, ...],
+        masks_old_B1TS: tuple[Array, ...] | None,
+        local_flag: Array | None = None,
     ):
-        layer_cache = None if cache is None else (*cache, mask_old_B1TS)
-        h, new_kv = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x_BTD),
+        c = self.config
+        local = self.local if self.local is not None else local_flag
+        layer_cache = None if cache is None else (*cache, _pick(masks_old_B1TS, local))
+        rope = (rope_inv_frequencies(c), rope_inv_frequencies(c, local=True))
+        rope = rope[: len(_kind_windows(c))]  # per kind of layer, like the masks
+        h, new_kv = Attention(c, name="attn")(
+            RMSNorm(c, name="attn_norm")(x_BTD),
             positions_BT,
-            mask_B1TS,
+            _pick(rope, local),
+            _pick(masks_B1TS, local),
             layer_cache,
         )
+        if c.post_norms:
+            h = RMSNorm(c, name="attn_post_norm")(h)
         x_BTD = x_BTD + h
-        x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
+        h = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x_BTD))
+        if c.post_norms:
+            h = RMSNorm(c, name="mlp_post_norm")(h)
+        x_BTD = x_BTD + h
         return x_BTD, (new_kv if self.return_kv else None)
 
 
 class Decoder(nn.Module):
     """Embedding, `n_layers` blocks, final norm and a head: `lm` logits or `reward` scalars.
 
-    With `return_kv`, also returns every layer's keys and values of the new tokens,
-    `[L, B, T, K, H]` each; `cache` (earlier slots `[L, B, K, S, H]`) and `mask_old_B1TS`
-    let the new tokens attend to a KV cache, `mask_B1TS` then covering the new tokens."""
+    `masks_B1TS` holds one mask per kind of layer (`_kind_masks`). With `return_kv`, also
+    returns every layer's keys and values of the new tokens, `[L, B, T, K, H]` each;
+    `cache` (earlier slots `[L, B, K, S, H]`) and `masks_old_B1TS` let the new tokens
+    attend to a KV cache, `masks_B1TS` then covering the new tokens."""
 
     config: ModelConfig
     head: str = "lm"
@@ -302,13 +377,15 @@ class Decoder(nn.Module):
         self,
         tokens_BT: Array,
         positions_BT: Array,
-        mask_B1TS: Array,
+        masks_B1TS: tuple[Array, ...],
         cache: tuple[Array, Array] | None = None,
-        mask_old_B1TS: Array | None = None,
+        masks_old_B1TS: tuple[Array, ...] | None = None,
     ):
         c = self.config
         embed_VD = _param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
         x = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.jnp_dtype)
+        if c.embed_scale:  # the normaliser rounded to the compute dtype, as Gemma does
+            x = x * jnp.asarray(c.d_model**0.5, c.jnp_dtype)
         x = constrain(x, ("batch", "length", "embed"))
 
         block = Block
@@ -319,19 +396,20 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
+            local_L = jnp.asarray(c.local_layers)  # scanned: each layer reads its own flag
             x, new_kv = stack(c, self.return_kv, name="layers")(
-                x, cache, positions_BT, mask_B1TS, mask_old_B1TS
+                x, cache, positions_BT, masks_B1TS, masks_old_B1TS, local_L
             )
         else:
             per_layer = []
             for i in range(c.n_layers):
                 layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-                x, layer_kv = block(c, self.return_kv, name=f"layers_{i}")(
-                    x, layer_cache, positions_BT, mask_B1TS, mask_old_B1TS
+                x, layer_kv = block(c, self.return_kv, c.local_layers[i], name=f"layers_{i}")(
+                    x, layer_cache, positions_BT, masks_B1TS, masks_old_B1TS
                 )
                 per_layer.append(layer_kv)
             new_kv = (
@@ -359,6 +437,8 @@ class Decoder(nn.Module):
             logits = jnp.einsum(
                 "btd,dv->btv", x, w_DV.astype(c.jnp_dtype), preferred_element_type=jnp.float32
             )
+        if c.final_logit_softcap is not None:
+            logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)
         return constrain(logits, ("batch", "length", "vocab")), new_kv
 
 
@@ -422,8 +502,8 @@ class KVCache:
 def _boxed_params(config: ModelConfig, rng: Array, head: str) -> Params:
     """Initial params still wrapped in their logical-axis metadata boxes."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1, 1), bool)
-    return Decoder(config, head).init(rng, tokens, tokens, mask)["params"]
+    masks = (jnp.ones((1, 1, 1, 1), bool),) * len(_kind_windows(config))
+    return Decoder(config, head).init(rng, tokens, tokens, masks)["params"]
 
 
 @partial(jax.jit, static_argnames=("config", "head"))
@@ -479,8 +559,8 @@ def _run(
     the segment ids it used (defaults filled in)."""
     segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
     slots_T = jnp.arange(tokens_BT.shape[1])
-    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
-    out, _ = Decoder(config, head).apply({"params": params}, tokens_BT, positions_BT, mask)
+    masks = _kind_masks(config, slots_T, slots_T, segment_ids_BT, segment_ids_BT)
+    out, _ = Decoder(config, head).apply({"params": params}, tokens_BT, positions_BT, masks)
     return out, segment_ids_BT
 
 
@@ -541,7 +621,8 @@ def reward_forward(
 
 def to_reward_params(config: ModelConfig, lm_params: Params, rng: Array) -> Params:
     """A reward model's params from a language model's: same backbone, fresh scalar head."""
-    fresh = init_params(config.replace(n_layers=1), rng, head="reward")
+    types = None if config.layer_types is None else config.layer_types[:1]
+    fresh = init_params(config.replace(n_layers=1, layer_types=types), rng, head="reward")
     params = {k: v for k, v in lm_params.items() if k != "lm_head"}
     params["reward_kernel"] = fresh["reward_kernel"]
     params["reward_bias"] = fresh["reward_bias"]
@@ -639,9 +720,9 @@ def prefill(
     B, T = tokens_BT.shape
     segment_ids_BT, positions_BT = _defaults(tokens_BT, segment_ids_BT, positions_BT)
     slots_T = jnp.arange(T, dtype=jnp.int32)
-    mask = attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT, config.sliding_window)
+    masks = _kind_masks(config, slots_T, slots_T, segment_ids_BT, segment_ids_BT)
     logits, (k, v) = Decoder(config, "lm", return_kv=True).apply(
-        {"params": params}, tokens_BT, positions_BT, mask
+        {"params": params}, tokens_BT, positions_BT, masks
     )
     return logits, _write_cache(init_cache(config, B, max_len), k, v, segment_ids_BT)
 
@@ -669,12 +750,14 @@ def forward_with_cache(
     q_slots_T = cache.index + jnp.arange(T, dtype=jnp.int32)
     if positions_BT is None:
         positions_BT = jnp.broadcast_to(q_slots_T, (B, T))
-    window = config.sliding_window
-    mask_new = attention_mask(q_slots_T, q_slots_T, segment_ids_BT, segment_ids_BT, window)
+    masks_new = _kind_masks(config, q_slots_T, q_slots_T, segment_ids_BT, segment_ids_BT)
     kv_slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
-    mask_old = attention_mask(q_slots_T, kv_slots_S, segment_ids_BT, cache.segment_ids, window)
-    mask_old &= (kv_slots_S < cache.index)[None, None, None, :]  # slots written earlier
+    written_S = kv_slots_S < cache.index  # slots written earlier
+    masks_old = tuple(
+        mask & written_S[None, None, None, :]
+        for mask in _kind_masks(config, q_slots_T, kv_slots_S, segment_ids_BT, cache.segment_ids)
+    )
     logits, (k, v) = Decoder(config, "lm", return_kv=True).apply(
-        {"params": params}, tokens_BT, positions_BT, mask_new, (cache.k, cache.v), mask_old
+        {"params": params}, tokens_BT, positions_BT, masks_new, (cache.k, cache.v), masks_old
     )
     return logits, _write_cache(cache, k, v, segment_ids_BT)

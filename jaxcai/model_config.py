@@ -1,4 +1,5 @@
-"""`ModelConfig`: every shape and numeric choice of a Llama-family decoder.
+"""`ModelConfig`: every shape and numeric choice of a Llama-family decoder (Llama,
+Mistral, Qwen2, Qwen3 and Gemma-3 text).
 
 A config is a frozen dataclass, so it is hashable and can be a static argument of
 `jax.jit`. Presets reproduce the published shapes of real checkpoints; the YAML files
@@ -16,17 +17,39 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
 ATTENTION_IMPLS = (None, "xla", "cudnn")
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+NORM_STYLES = ("llama", "gemma")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALINGS = ("llama3", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style rotary frequency scaling (`rope_type: llama3` in Hugging Face)."""
+    """Rotary frequency scaling, as Hugging Face's `rope_type`: `llama3` (Llama-3.1/3.2:
+    long wavelengths divided by `factor`, a smooth ramp between `low_freq_factor` and
+    `high_freq_factor`) or `linear` (every frequency divided by `factor`, i.e. positions
+    interpolated; Gemma-3's global layers). `linear` takes `factor` alone."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALINGS:
+            raise ValueError(
+                f"RopeScaling.rope_type={self.rope_type!r}; choose one of {ROPE_SCALINGS}"
+            )
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be positive, got {self.factor}")
+        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        given = [getattr(self, name) is not None for name in llama3]
+        if self.rope_type == "llama3" and not all(given):
+            raise ValueError(f"RopeScaling(rope_type='llama3') needs {', '.join(llama3)}")
+        if self.rope_type == "linear" and any(given):
+            raise ValueError(f"RopeScaling(rope_type='linear') takes factor alone, not {llama3}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +75,21 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
     out_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral-style local attention window, in tokens
+    sliding_window: int | None = None  # local attention window, in tokens (q - k < window)
+    # Per-layer attention kinds, Hugging Face's `layer_types` (Gemma-3): "sliding_attention"
+    # layers attend within `sliding_window` and rotate by `rope_local_theta`;
+    # "full_attention" layers attend to everything and rotate by `rope_theta` and
+    # `rope_scaling`. None: all layers alike (windowed when `sliding_window` is set).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+    qk_norm: bool = False  # Qwen3, Gemma-3: RMSNorm over each head of q and k before RoPE
+    # "llama": w * norm(x), w starting at 1; "gemma": (1 + w) * norm(x) in float32, w at 0.
+    norm_style: str = "llama"
+    post_norms: bool = False  # Gemma-3: the attention and MLP outputs are normed too
+    mlp_activation: str = "silu"  # the gate's activation: "silu" (SwiGLU), "gelu_tanh"
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model), in the compute dtype
+    query_pre_attn_scalar: float | None = None  # scores scaled by its ** -0.5 (None: head_dim)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     model_type: str = "llama"  # Hugging Face architecture used when saving
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -78,6 +115,8 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.layer_types is not None:  # a YAML list -> a hashable tuple
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -118,6 +157,7 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError("ModelConfig.sliding_window must be positive or None")
+        self._check_architecture()
         for name in ("param_dtype", "dtype"):
             try:
                 if not isinstance(getattr(self, name), str):
@@ -125,6 +165,57 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is no dtype") from e
+
+    def _check_architecture(self) -> None:
+        """The Qwen3 / Gemma-3 fields."""
+        if self.layer_types is not None:
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ValueError(
+                    f"ModelConfig.layer_types: unknown kinds {unknown}; choose from {LAYER_TYPES}"
+                )
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(
+                    f"ModelConfig.layer_types has {len(self.layer_types)} entries for "
+                    f"n_layers={self.n_layers}"
+                )
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.layer_types names sliding_attention layers but "
+                    "sliding_window is None"
+                )
+        if self.norm_style not in NORM_STYLES:
+            raise ValueError(
+                f"ModelConfig.norm_style={self.norm_style!r}; choose one of {NORM_STYLES}"
+            )
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r}; "
+                f"choose one of {MLP_ACTIVATIONS}"
+            )
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be positive or None, got {value}")
+        if self.final_logit_softcap is not None and self.logits_chunk:
+            raise ValueError(
+                "ModelConfig.final_logit_softcap is not applied by the chunked training "
+                "losses; set logits_chunk=0"
+            )
+
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether `layer_types` makes it a sliding-window layer."""
+        if self.layer_types is None:
+            return (False,) * self.n_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer, the attention window in tokens (None: unlimited)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.n_layers
+        return tuple(self.sliding_window if local else None for local in self.local_layers)
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -154,7 +245,7 @@ class ModelConfig:
             )
         if values.get("rope_scaling") is not None:
             values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
-        return cls(**values)
+        return cls(**values)  # lists (layer_types, lora_targets) become tuples
 
     # ----- presets ---------------------------------------------------------------------
 
@@ -314,6 +405,122 @@ class ModelConfig:
             }
         )
 
+    @classmethod
+    def _qwen3(cls, **values: Any) -> ModelConfig:
+        """Qwen3 dense models: q/k norms, head_dim 128, no biases, 40960 positions."""
+        return cls(
+            **{
+                "vocab_size": 151_936,
+                "head_dim": 128,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1_000_000.0,
+                "max_seq_len": 40_960,
+                "qk_norm": True,
+                "model_type": "qwen3",
+                **values,
+            }
+        )
+
+    @classmethod
+    def qwen3_0_6b(cls, **overrides: Any) -> ModelConfig:
+        return cls._qwen3(
+            **{"d_model": 1024, "n_layers": 28, "n_heads": 16, "n_kv_heads": 8, "d_ff": 3072},
+            tie_embeddings=True,
+            **overrides,
+        )
+
+    @classmethod
+    def qwen3_1_7b(cls, **overrides: Any) -> ModelConfig:
+        return cls._qwen3(
+            **{"d_model": 2048, "n_layers": 28, "n_heads": 16, "n_kv_heads": 8, "d_ff": 6144},
+            tie_embeddings=True,
+            **overrides,
+        )
+
+    @classmethod
+    def qwen3_4b(cls, **overrides: Any) -> ModelConfig:
+        return cls._qwen3(
+            **{"d_model": 2560, "n_layers": 36, "n_heads": 32, "n_kv_heads": 8, "d_ff": 9728},
+            tie_embeddings=True,
+            **overrides,
+        )
+
+    @classmethod
+    def qwen3_8b(cls, **overrides: Any) -> ModelConfig:
+        return cls._qwen3(
+            **{"d_model": 4096, "n_layers": 36, "n_heads": 32, "n_kv_heads": 8, "d_ff": 12_288},
+            tie_embeddings=False,
+            **overrides,
+        )
+
+    @classmethod
+    def _gemma3(cls, **values: Any) -> ModelConfig:
+        """Gemma-3 text: (1 + w) norms before and after attention and MLP, q/k norms, GeGLU,
+        scaled embeddings, five sliding-window layers to one global layer."""
+        n_layers = values["n_layers"]
+        return cls(
+            **{
+                "head_dim": 256,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1_000_000.0,
+                "rope_local_theta": 10_000.0,
+                "tie_embeddings": True,
+                "layer_types": gemma3_layer_types(n_layers),
+                "qk_norm": True,
+                "norm_style": "gemma",
+                "post_norms": True,
+                "mlp_activation": "gelu_tanh",
+                "embed_scale": True,
+                "query_pre_attn_scalar": 256.0,
+                "model_type": "gemma3_text",
+                **values,
+            }
+        )
+
+    @classmethod
+    def gemma3_1b(cls, **overrides: Any) -> ModelConfig:
+        """Gemma-3-1B (text only): 512-token windows, 32k positions."""
+        return cls._gemma3(
+            **{
+                "vocab_size": 262_144,
+                "d_model": 1152,
+                "n_layers": 26,
+                "n_heads": 4,
+                "n_kv_heads": 1,
+                "d_ff": 6912,
+                "sliding_window": 512,
+                "max_seq_len": 32_768,
+                **overrides,
+            }
+        )
+
+    @classmethod
+    def gemma3_4b(cls, **overrides: Any) -> ModelConfig:
+        """Gemma-3-4B's text tower: 1024-token windows, 128k positions by linear RoPE
+        scaling (factor 8) of the global layers."""
+        return cls._gemma3(
+            **{
+                "vocab_size": 262_208,
+                "d_model": 2560,
+                "n_layers": 34,
+                "n_heads": 8,
+                "n_kv_heads": 4,
+                "d_ff": 10_240,
+                "sliding_window": 1024,
+                "rope_scaling": RopeScaling(8.0, rope_type="linear"),
+                "max_seq_len": 131_072,
+                **overrides,
+            }
+        )
+
+
+def gemma3_layer_types(n_layers: int, pattern: int = 6) -> tuple[str, ...]:
+    """Gemma-3's interleaving (`sliding_window_pattern` in Hugging Face): every
+    `pattern`-th layer is global, the rest slide."""
+    return tuple(
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+    )
+
 
 PRESETS = {
     "tiny": ModelConfig.tiny,
@@ -324,6 +531,12 @@ PRESETS = {
     "qwen2.5-0.5b": ModelConfig.qwen2_5_0_5b,
     "qwen2.5-7b": ModelConfig.qwen2_5_7b,
     "mistral-7b": ModelConfig.mistral_7b,
+    "qwen3-0.6b": ModelConfig.qwen3_0_6b,
+    "qwen3-1.7b": ModelConfig.qwen3_1_7b,
+    "qwen3-4b": ModelConfig.qwen3_4b,
+    "qwen3-8b": ModelConfig.qwen3_8b,
+    "gemma3-1b": ModelConfig.gemma3_1b,
+    "gemma3-4b": ModelConfig.gemma3_4b,
 }
 
 
@@ -343,8 +556,10 @@ def param_count(config: ModelConfig) -> int:
         attn += hd * (h + 2 * kv)
     if config.out_bias:
         attn += d
+    if config.qk_norm:
+        attn += 2 * hd
     mlp = 3 * d * config.d_ff + (2 * config.d_ff + d if config.mlp_bias else 0)
-    per_layer = attn + mlp + 2 * d
+    per_layer = attn + mlp + (4 if config.post_norms else 2) * d
     embed = config.vocab_size * d
     head = 0 if config.tie_embeddings else d * config.vocab_size
     return embed + head + config.n_layers * per_layer + d
@@ -359,10 +574,16 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     the input embedding table (a lookup), plus the output projection even when it is tied
     to that table. The attention term is the `Q K^T` and `A V` matmuls,
     `2 * 2 * seq_len * n_heads * head_dim` per layer and token forward, times 3 for
-    training, halved because a causal mask leaves half the score matrix unused.
+    training, halved because a causal mask leaves half the score matrix unused. A layer
+    with a window `w < seq_len` attends to `w - w**2 / (2 * seq_len)` keys per query on
+    average instead of `seq_len / 2` (the same at `w = seq_len`).
     Norms, RoPE and softmax are left out (they are a few percent at most).
     """
     embed = config.vocab_size * config.d_model
     n_matmul = param_count(config) - embed + (embed if config.tie_embeddings else 0)
-    attention = 6 * config.n_layers * seq_len * config.n_heads * config.head_dim
+    keys = sum(
+        seq_len / 2 if w is None or w >= seq_len else w - w * w / (2 * seq_len)
+        for w in config.layer_windows
+    )
+    attention = 12 * keys * config.n_heads * config.head_dim
     return 6.0 * n_matmul + attention

@@ -54,6 +54,61 @@ HF_CASES = {
     "mistral_window": dict(
         cls="MistralForCausalLM", kwargs=dict(num_key_value_heads=2, sliding_window=5, head_dim=24)
     ),
+    # Qwen3: q/k norms, head_dim != hidden / heads.
+    "qwen3": dict(
+        cls="Qwen3ForCausalLM",
+        kwargs=dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    ),
+    "qwen3_untied_bias": dict(
+        cls="Qwen3ForCausalLM",
+        kwargs=dict(
+            num_key_value_heads=2,
+            head_dim=24,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        ),
+    ),
+    # Gemma-3: sliding (window 4 < the tests' 16 tokens) and global layers with their own
+    # RoPE bases, a query scale that is not head_dim.
+    "gemma3": dict(
+        cls="Gemma3ForCausalLM",
+        kwargs=dict(
+            num_hidden_layers=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            query_pre_attn_scalar=20,
+            sliding_window=4,
+            layer_types=[
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+    ),
+    # The older layout: pattern, top-level bases, linear scaling of the global layers; an
+    # untied head and final logit soft-capping.
+    "gemma3_scaled": dict(
+        cls="Gemma3ForCausalLM",
+        kwargs=dict(
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=32,
+            sliding_window=5,
+            sliding_window_pattern=2,
+            rope_theta=50_000.0,
+            rope_local_base_freq=300.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            tie_word_embeddings=False,
+            final_logit_softcapping=3.0,
+        ),
+    ),
 }
 
 
@@ -65,7 +120,7 @@ def make_hf_model(case: str, seed: int = 0):
     spec = HF_CASES[case]
     cls = getattr(transformers, spec["cls"])
     config_cls = cls.config_class
-    config = config_cls(
+    defaults = dict(
         vocab_size=97,
         hidden_size=64,
         intermediate_size=96,
@@ -73,8 +128,8 @@ def make_hf_model(case: str, seed: int = 0):
         num_attention_heads=4,
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
-        **spec["kwargs"],
     )
+    config = config_cls(**{**defaults, **spec["kwargs"]})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).eval()

@@ -13,10 +13,11 @@ from conftest import HF_CASES, make_hf_model
 from safetensors.numpy import load_file, save_file
 
 from jaxcai import hf
-from jaxcai.model import forward, init_params
+from jaxcai import model as M
 from jaxcai.sample import greedy_generate
 
 B, T = 3, 16
+forward = jax.jit(M.forward, static_argnums=0)  # compiled once per config: eager is slow
 
 
 def _batch(rng: np.random.Generator, vocab: int):
@@ -86,6 +87,19 @@ def test_load_config_fields():
     assert qwen.qkv_bias and not qwen.out_bias and qwen.tie_embeddings
     mistral = hf.config_from_hf(json.loads(make_hf_model("mistral_window").config.to_json_string()))
     assert (mistral.sliding_window, mistral.head_dim) == (5, 24)
+    qwen3 = hf.config_from_hf(json.loads(make_hf_model("qwen3").config.to_json_string()))
+    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.layer_types) == (
+        24,
+        True,
+        False,
+        None,
+    )
+    gemma = hf.config_from_hf(json.loads(make_hf_model("gemma3_scaled").config.to_json_string()))
+    assert gemma.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert (gemma.sliding_window, gemma.rope_theta, gemma.rope_local_theta) == (5, 5e4, 300.0)
+    assert (gemma.rope_scaling.rope_type, gemma.rope_scaling.factor) == ("linear", 8.0)
+    assert (gemma.query_pre_attn_scalar, gemma.final_logit_softcap) == (32.0, 3.0)
+    assert gemma.norm_style == "gemma" and gemma.post_norms and gemma.embed_scale
 
 
 def test_bf16_params(checkpoint):
@@ -96,14 +110,10 @@ def test_bf16_params(checkpoint):
 
 
 def _noisy(params, seed: int):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef,
-        [
-            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-            for x, k in zip(leaves, keys, strict=True)
-        ],
+    """Every weight moved by fresh noise (host-side: no compile per shape)."""
+    gen = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x + 0.05 * gen.standard_normal(x.shape).astype(x.dtype)), params
     )
 
 
@@ -112,8 +122,8 @@ def test_save_pretrained_loads_in_transformers(checkpoint, tmp_path, rng, max_sh
     import transformers
 
     _, _, path = checkpoint
-    config, _ = hf.load_pretrained(path, progress=False)
-    params = _noisy(init_params(config, jax.random.key(1)), seed=2)  # biases non-zero too
+    config, loaded = hf.load_pretrained(path, progress=False)
+    params = _noisy(loaded, seed=2)  # new values everywhere, biases and norms too
     out = tmp_path / "saved"
     hf.save_pretrained(out, config, params, max_shard_bytes=max_shard_bytes, progress=False)
     sharded = (out / hf.INDEX_FILE).exists()
@@ -141,7 +151,7 @@ def test_load_save_keeps_tensors_bitwise(checkpoint, tmp_path):
         np.testing.assert_array_equal(saved[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("case", ["llama_gqa_rope3", "qwen2", "mistral_window"])
+@pytest.mark.parametrize("case", ["llama_gqa_rope3", "qwen2", "mistral_window", "gemma3"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     model = make_hf_model(case)
     model.save_pretrained(tmp_path)

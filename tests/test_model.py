@@ -2,39 +2,63 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcai import model as M
-from jaxcai.model_config import ModelConfig
+from jaxcai.model_config import ModelConfig, RopeScaling
 
 # Jitted once per config: eager flax dispatch is slow on CPU.
 forward = jax.jit(M.forward, static_argnums=0)
 forward_with_cache = jax.jit(M.forward_with_cache, static_argnums=0)
 
+# Gemma-3 in small: windows of 3 in layers 0 and 2, a global layer 1 with its own scaled
+# RoPE base, (1 + w) pre- and post-norms, q/k norms, GeGLU, scaled embeddings, soft-capping.
+GEMMA3 = ModelConfig.tiny(
+    n_layers=3,
+    head_dim=24,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    sliding_window=3,
+    rope_local_theta=100.0,
+    rope_scaling=RopeScaling(4.0, rope_type="linear"),
+    qk_norm=True,
+    norm_style="gemma",
+    post_norms=True,
+    mlp_activation="gelu_tanh",
+    embed_scale=True,
+    query_pre_attn_scalar=20.0,
+    final_logit_softcap=5.0,
+    model_type="gemma3_text",
+)
 CONFIGS = {
     "tiny": ModelConfig.tiny(),
     "untied_biases": ModelConfig.tiny(
         tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True, n_kv_heads=1
     ),
     "window": ModelConfig.tiny(sliding_window=3, scan_layers=False),
+    "qwen3": ModelConfig.tiny(head_dim=24, qk_norm=True, tie_embeddings=False, model_type="qwen3"),
+    "gemma3": GEMMA3,  # unrolled: tests/test_hf_families.py, and decoding in test_hf.py
 }
 
 
+@functools.cache
 def _params(config, seed=0):
-    """Random params with non-trivial norms and biases."""
-    params = M.init_params(config, jax.random.key(seed))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef,
-        [
-            x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-            for x, k in zip(leaves, keys, strict=True)
-        ],
-    )
+    """Random params with non-trivial norms and biases: 0.1-scale noise around the init
+    (Llama norm scales around 1), drawn on the host into the shapes `init_params` gives
+    (traced, not compiled: compiling every config's init would dominate these tests)."""
+    gen = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        x = 0.1 * gen.standard_normal(shape.shape)
+        if path[-1].key == "scale" and config.norm_style == "llama":
+            x += 1.0
+        return jnp.asarray(x, shape.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, M.param_shapes(config))
 
 
 def _tokens(shape, seed=0, vocab=1024):

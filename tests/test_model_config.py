@@ -10,12 +10,14 @@ import jax
 import pytest
 import yaml
 
+from jaxcai.config import compose, model_config
 from jaxcai.model import init_params
 from jaxcai.model_config import (
     PRESETS,
     ModelConfig,
     RopeScaling,
     flops_per_token,
+    gemma3_layer_types,
     param_count,
     preset,
 )
@@ -56,6 +58,26 @@ def test_yaml_lists_every_field():
 def test_from_dict_builds_rope_scaling():
     config = ModelConfig.from_dict(_load_yaml(MODEL_CONFIGS / "llama3.2-1b.yaml"))
     assert config.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192)
+    gemma = ModelConfig.from_dict(_load_yaml(MODEL_CONFIGS / "gemma3-4b.yaml"))
+    assert gemma.rope_scaling == RopeScaling(8.0, rope_type="linear")
+    assert isinstance(gemma.layer_types, tuple) and hash(gemma) == hash(preset("gemma3-4b"))
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "gemma3-1b", "gemma3-4b"])
+def test_hydra_composes_the_new_presets(name):
+    cfg = compose([f"model={name}", "model.dtype=bfloat16"])
+    assert model_config(cfg.model) == preset(name, dtype="bfloat16")
+
+
+def test_gemma3_presets_interleave_five_sliding_layers_per_global_one():
+    for name, n_layers, window in [("gemma3-1b", 26, 512), ("gemma3-4b", 34, 1024)]:
+        config = preset(name)
+        assert config.layer_types == gemma3_layer_types(n_layers)
+        globals_ = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
+        assert globals_ == list(range(5, n_layers, 6))
+        assert config.layer_windows == tuple(
+            None if i in globals_ else window for i in range(n_layers)
+        )
 
 
 def test_preset_overrides():
@@ -81,10 +103,27 @@ def test_config_is_hashable():
         ("qwen2.5-0.5b", 0.494e9),
         ("qwen2.5-7b", 7.616e9),
         ("mistral-7b", 7.242e9),
+        ("gemma3-1b", 0.99989e9),
     ],
 )
 def test_param_count_matches_published(name, published):
     assert param_count(preset(name)) == pytest.approx(published, rel=5e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "total", "non_embedding"),
+    [  # the model cards' figures, given to two or three digits
+        ("qwen3-0.6b", 0.6e9, 0.44e9),
+        ("qwen3-1.7b", 1.7e9, 1.4e9),
+        ("qwen3-4b", 4.0e9, 3.6e9),
+        ("qwen3-8b", 8.2e9, 6.95e9),
+    ],
+)
+def test_qwen3_param_counts_match_model_cards(name, total, non_embedding):
+    config = preset(name)
+    embeddings = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    assert param_count(config) == pytest.approx(total, rel=0.03)
+    assert param_count(config) - embeddings == pytest.approx(non_embedding, rel=0.01)
 
 
 def test_small_is_about_100m():
@@ -118,6 +157,19 @@ TINY_VARIANTS = {
     "unscanned": dict(scan_layers=False, n_layers=3),
     "mha": dict(n_kv_heads=4),
     "mqa": dict(n_kv_heads=1),
+    "qk_norm": dict(qk_norm=True, head_dim=24),
+    "gemma3": dict(
+        qk_norm=True,
+        norm_style="gemma",
+        post_norms=True,
+        mlp_activation="gelu_tanh",
+        embed_scale=True,
+        layer_types=("sliding_attention", "full_attention"),
+        sliding_window=4,
+    ),
+    "gemma3_unscanned_untied": dict(
+        qk_norm=True, post_norms=True, scan_layers=False, tie_embeddings=False, head_dim=8
+    ),
 }
 
 
@@ -160,6 +212,24 @@ def test_flops_per_token(config, seq_len):
     )
 
 
+def test_flops_of_sliding_window_layers():
+    """A layer with window w < seq_len attends to w - w^2 / (2 seq_len) keys per query on
+    average (seq_len / 2 without a window): Gemma-3's local layers cost far less."""
+    base = preset("tiny", n_layers=3)
+    windowed = base.replace(
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"), sliding_window=64
+    )
+    n, h = base.n_heads, base.head_dim
+    for seq_len in (32, 64, 1024):
+        keys = 2 * (seq_len / 2 if seq_len <= 64 else 64 - 64**2 / (2 * seq_len)) + seq_len / 2
+        expected = flops_per_token(base, seq_len) - 6 * 3 * seq_len * n * h + 12 * keys * n * h
+        assert flops_per_token(windowed, seq_len) == pytest.approx(expected, rel=1e-12)
+    # Mistral's window covers every layer alike.
+    mistral = base.replace(sliding_window=64)
+    assert flops_per_token(mistral, 64) == flops_per_token(base, 64)
+    assert flops_per_token(mistral, 4096) < flops_per_token(base, 4096)
+
+
 def test_flops_tied_and_untied_agree():
     # The output projection is a matmul whether or not it shares the embedding table.
     tied, untied = preset("small"), preset("small", tie_embeddings=False)
@@ -192,6 +262,17 @@ def test_flops_attention_term_grows_with_seq_len():
         (dict(vocab_size=0), ["vocab_size", "0"]),
         (dict(n_layers=-1), ["n_layers", "-1"]),
         (dict(sliding_window=0), ["sliding_window"]),
+        (dict(layer_types=("full_attention",)), ["layer_types", "1 entries", "n_layers=2"]),
+        (dict(layer_types=("local", "full_attention")), ["layer_types", "local"]),
+        (dict(layer_types=("sliding_attention",) * 2), ["sliding_window is None"]),
+        (dict(norm_style="t5"), ["norm_style", "t5"]),
+        (dict(mlp_activation="relu"), ["mlp_activation", "relu"]),
+        (dict(rope_local_theta=0.0), ["rope_local_theta"]),
+        (dict(query_pre_attn_scalar=-1.0), ["query_pre_attn_scalar"]),
+        (dict(final_logit_softcap=30.0, logits_chunk=64), ["final_logit_softcap", "logits_chunk"]),
+        (dict(rope_scaling=dict(factor=8.0, rope_type="linear", low_freq_factor=1.0)), ["linear"]),
+        (dict(rope_scaling=dict(factor=8.0)), ["llama3", "low_freq_factor"]),
+        (dict(rope_scaling=dict(factor=8.0, rope_type="yarn")), ["rope_type", "yarn"]),
     ],
 )
 def test_invalid_field_raises(overrides, needles):
