@@ -102,6 +102,8 @@ def config_from_hf(
     gemma = model_type == "gemma3_text"
     if gemma:
         hf = {**_GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if model_type == "qwen3" and hf.get("head_dim") is None:
+        hf = {**hf, "head_dim": 128}  # Qwen3Config's default, not hidden_size / heads
 
     def need(key: str) -> Any:
         if key not in hf:

@@ -162,6 +162,13 @@ def test_gemma3_layer_types_follow_transformers():
         assert list(hf.config_from_hf(old).layer_types) == list(ref)
 
 
+def test_qwen3_head_dim_defaults_as_in_transformers():
+    config = {k: v for k, v in QWEN3_8B.items() if k != "head_dim"}
+    config.update(hidden_size=1024, num_attention_heads=16)
+    assert transformers.Qwen3Config(**config).head_dim == 128
+    assert hf.config_from_hf(config).head_dim == 128  # not hidden_size / heads = 64
+
+
 def test_hf_model_parameter_counts():
     for case in FAMILY_CASES:
         model = make_hf_model(case)
