@@ -638,8 +638,13 @@ def save_pretrained(
     dtype: str | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = True,
+    tokenizer: Any = None,
 ) -> None:
     """Write params as a Hugging Face checkpoint that `transformers` loads.
+
+    With `tokenizer` (a `jaxcai.tokenizer.Tokenizer`, or a `jaxcai.chat.ChatFormat`), its
+    files and chat template go beside the weights, so the directory is a complete model
+    that `AutoTokenizer` and `AutoModelForCausalLM` load.
 
     Tensors are converted one at a time and written in shards of at most
     `max_shard_bytes` (with `model.safetensors.index.json` when there is more than one).
@@ -715,3 +720,5 @@ def save_pretrained(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     (path / "config.json").write_text(json.dumps(config_to_hf(config, torch_dtype), indent=2))
+    if tokenizer is not None:
+        getattr(tokenizer, "tokenizer", tokenizer).save(path)

@@ -447,7 +447,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     "layout; skipped"
                 )
             else:
-                hf.save_pretrained(run_dir / "hf", mc, state.params, progress=t.progress)
-                if jax.process_index() == 0:
-                    tok.save(run_dir / "hf")  # a complete model: weights, tokenizer, template
+                hf.save_pretrained(
+                    run_dir / "hf", mc, state.params, progress=t.progress, tokenizer=tok
+                )
     return {"step": t.steps, **{f"train/{k}": v for k, v in last.items()}, **final_eval}

@@ -406,3 +406,39 @@ def test_eight_devices_equal_one(sharded_results, model_type):
     assert r["logits_spec"] == "P(('data', 'fsdp'),)"  # a vocabulary of 97 stays whole
     assert r["specs"]["['layers']['attn']['q_kernel']"] == "P(None, 'fsdp', 'tensor', None)"
     assert r["specs"]["['layers']['attn']['q_norm']['scale']"] == "P(None, None)"
+
+
+def test_saved_directory_is_a_complete_model_for_transformers(tmp_path):
+    """`save_pretrained(..., tokenizer=fmt)` writes weights, tokenizer and chat template:
+    `AutoTokenizer` and `AutoModelForCausalLM` load it, and jaxcai reads it back the same."""
+    from hf_fixtures import qwen2_dir
+
+    from jaxcai import chat
+    from jaxcai.load import chat_format
+
+    fmt = chat.load(qwen2_dir(tmp_path / "tok"))
+    config = preset("qwen3-0.6b").replace(
+        vocab_size=fmt.tokenizer.vocab_size,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=24,
+        d_ff=96,
+        max_seq_len=128,
+    )
+    params = M.init_params(config, jax.random.key(3))
+    out = tmp_path / "model"
+    hf.save_pretrained(out, config, params, progress=False, tokenizer=fmt)
+    messages = [{"role": "user", "content": "Hi there?"}]
+    ref_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ref_ids = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ref_ids == fmt.render(messages, add_generation_prompt=True)
+    again = chat_format(out)
+    assert again.kind == "template" and again.stop_ids == fmt.stop_ids
+    ids = again.prompt_ids(messages)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor([ids])).logits.numpy()
+    ours = np.asarray(M.forward(config, params, jnp.asarray([ids])))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)

@@ -204,9 +204,7 @@ def _stage_initial(run: _Run) -> dict[str, Any]:
     config = model_config(run.cfg.model)
     params = model.init_params(config, jax.random.key(run.cfg.seed))
     path = run.run_dir / "initial" / "hf"
-    hf.save_pretrained(path, config, params, progress=False)
-    if jax.process_index() == 0:
-        run.chat.tokenizer.save(path)  # a complete model directory with its tokenizer
+    hf.save_pretrained(path, config, params, progress=False, tokenizer=run.chat.tokenizer)
     return {"outputs": {"model": str(path)}, "stats": {"random_init": True}}
 
 
