@@ -36,7 +36,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from jaxcai.tokenizer import Tokenizer, token_range
+from jaxcai.tokenizer import Tokenizer, read_json, token_range
 from jaxcai.tokenizer import load as load_tokenizer
 from jaxcai.tokenizer.transcript import (
     ConversationError,
@@ -463,12 +463,9 @@ def _search_contents(text: str, msgs: list[dict]) -> tuple[list[tuple[int, int]]
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object from a checkpoint file; bad JSON is a ChatError naming the file."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ChatError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+        return read_json(path)
+    except ValueError as e:
+        raise ChatError(str(e)) from None
 
 
 def find_template(directory: str | Path) -> tuple[str, str] | None:

@@ -263,3 +263,26 @@ def gemma_dir(path: Path, *, template: str | None = GEMMA_TEMPLATE) -> Path:
 
 
 FAMILIES = {"qwen2": qwen2_dir, "llama3": llama3_dir, "llama2": llama2_dir, "gemma": gemma_dir}
+
+
+def tiny_model_dir(path: Path, family: str, vocab_size: int, **overrides) -> Path:
+    """A tiny random `transformers` model of `family` ("Qwen2", "Qwen3", ...) saved in
+    `path` (beside a fixture tokenizer written there)."""
+    import torch
+    import transformers
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    config = getattr(transformers, f"{family}Config")(**values)
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(path)
+    return path

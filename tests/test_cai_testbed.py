@@ -30,6 +30,10 @@ from jaxcai.model_config import preset
 from jaxcai.sample import Generation
 from jaxcai.tokenizer import Tokenizer
 
+# Trains a base model and runs SL-CAI and RL-CAI on it: minutes on 2 cores; CI runs it
+# in its slow pass.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tok():

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hf_fixtures import REPO, qwen2_dir
+from hf_fixtures import REPO, qwen2_dir, tiny_model_dir
 
 from jaxcai import chat, model
 from jaxcai.cai import critique as C
@@ -411,22 +411,7 @@ def test_chat_for_resolves_the_checkpoint_tokenizer(tmp_path, qwen_dir):
 
 def _hf_checkpoint(path: Path, vocab_size: int) -> Path:
     """A tiny random Qwen2 model saved by transformers beside the fixture tokenizer."""
-    import torch
-    import transformers
-
-    config = transformers.Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return tiny_model_dir(path, "Qwen2", vocab_size)
 
 
 def _run(module: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -441,6 +426,7 @@ def _run(module: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow  # a jaxcai-sample subprocess
 def test_jaxcai_sample_uses_the_checkpoint_template(tmp_path, fmt):
     hf_dir = qwen2_dir(tmp_path / "qwen")
     _hf_checkpoint(hf_dir, fmt.tokenizer.vocab_size)

@@ -393,6 +393,7 @@ def sharded_results(family_checkpoints):
     return {r["model_type"]: r for r in map(json.loads, proc.stdout.splitlines())}
 
 
+@pytest.mark.slow  # a subprocess on 8 fake devices
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
 def test_eight_devices_equal_one(sharded_results, model_type):
     """data=2 fsdp=2 tensor=2: logits, and prefill + decode through the sharded KV cache

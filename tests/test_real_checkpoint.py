@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from hf_fixtures import qwen2_dir
+from hf_fixtures import qwen2_dir, tiny_model_dir
 from test_cai_pipeline import FAST
 
 from jaxcai import chat
@@ -21,32 +21,13 @@ from jaxcai.load import chat_format
 pytestmark = pytest.mark.slow  # every stage of the pipeline: minutes on 2 CPU cores
 
 
-def _qwen3_dir(path, vocab_size: int):
-    import torch
-    import transformers
-
-    config = transformers.Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def qwen3_run(tmp_path_factory):
     policy = tmp_path_factory.mktemp("Qwen3-tiny")
     qwen2_dir(policy)  # tokenizer.json, tokenizer_config.json (ChatML), generation_config
     fmt = chat.load(policy)
-    _qwen3_dir(policy, vocab_size=fmt.tokenizer.vocab_size + 2)
+    size = fmt.tokenizer.vocab_size + 2
+    tiny_model_dir(policy, "Qwen3", size, head_dim=24, max_position_embeddings=512)
     run_dir = tmp_path_factory.mktemp("cai-qwen3")
     records = run_cai(compose([*FAST, f"policy={policy}"], "cai"), run_dir)
     return policy, run_dir, records
