@@ -83,6 +83,7 @@ def _resume_and_compare(run_dir: Path, reference: dict) -> None:
         assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
 
 
+@pytest.mark.slow  # a training subprocess interrupted and resumed
 def test_sigterm_saves_then_resume_is_exact(tmp_path, uninterrupted):
     stderr = _interrupt(tmp_path, signal.SIGTERM, after_records=12)
     assert "preempted at step" in stderr, stderr[-2000:]

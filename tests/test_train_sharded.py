@@ -228,6 +228,7 @@ def sharded(run_root):
     lazy.kill()
 
 
+@pytest.mark.slow  # one launch of every objective on 8 devices and on 1: a minute
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_sharded_training_equals_single_device(reference, sharded, run_root, objective):
     (ref_records,) = reference.records()
