@@ -344,7 +344,7 @@ class TemplateFormat(ChatFormat):
     def _end_of_turn(self) -> tuple[str, ...]:
         """The special token(s) that close an assistant turn: the first special token the
         template writes after an assistant message's content (probed), else EOS."""
-        specials = _special_strings(self.tokenizer)
+        specials = self.tokenizer.added_tokens
         found = []
         for probe in (
             [
@@ -392,14 +392,6 @@ def _template_format(
     tokenizer: Tokenizer, template: str, source: str, template_kwargs: dict
 ) -> TemplateFormat:
     return TemplateFormat(tokenizer, template, source=source, template_kwargs=template_kwargs)
-
-
-def _special_strings(tok: Tokenizer) -> list[str]:
-    """Special and added token strings of a tokenizer (the candidates for end-of-turn)."""
-    tk = getattr(tok, "tk", None)
-    if tk is not None:
-        return [t.content for t in tk.get_added_tokens_decoder().values() if t.content]
-    return [s for s in tok.special_tokens.values() if s]
 
 
 def _place_contents(
@@ -513,7 +505,8 @@ def load(
     found = find_template(directory) if directory is not None else None
     if kind == "template" and found is None:
         raise ChatError(
-            f"chat=template, but {path} has no chat template (looked for chat_template.jinja "
+            f"chat=template, but {path or 'the bundled tokenizer'} has no chat template "
+            "(looked for chat_template.jinja "
             "and chat_template in tokenizer_config.json); use chat=human_assistant"
         )
     if kind == "human_assistant" or found is None:

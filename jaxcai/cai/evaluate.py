@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxcai.cai.constitution import Constitution
 from jaxcai.cai.feedback import FeedbackSettings, Judge, judge_pairs
-from jaxcai.chat import ChatFormat, as_format
-from jaxcai.data.pipeline import Layout, encode_response, pad_rows
+from jaxcai.chat import ChatFormat
+from jaxcai.data.pipeline import Layout, encode_response, pad_id_of, pad_rows
 from jaxcai.data.records import conversation_text
 from jaxcai.model import reward_forward
 from jaxcai.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ def reward_scores(
     transcript)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pad_id = as_format(tok).tokenizer.pad_id
+    pad_id = pad_id_of(tok)
     layout = Layout("preference", max_len or config.max_seq_len)
     rows = [
         encode_response(tok, p, r or " ", layout, f"response {i}")

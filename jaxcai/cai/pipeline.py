@@ -641,6 +641,12 @@ def _chat_formats(cfg: DictConfig) -> tuple[ChatFormat, ChatFormat]:
                 raise ConfigError(f"config {tok_key}/{chat_key}: set feedback_model too")
             formats.append(formats[0])
             continue
+        vocab = model_config(cfg.model).vocab_size  # a random initial policy's
+        if cfg[model_key]:  # fail now, not after hours of sampling
+            try:
+                vocab = model_config_of(cfg[model_key]).vocab_size
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config {model_key}={cfg[model_key]!r}: {e}") from e
         try:
             kwargs = cfg.get(f"{chat_key}_kwargs")
             fmt = chat_format(
@@ -651,8 +657,6 @@ def _chat_formats(cfg: DictConfig) -> tuple[ChatFormat, ChatFormat]:
             )
         except (ChatError, OSError, ValueError) as e:
             raise ConfigError(f"config {model_key}/{tok_key}/{chat_key}: {e}") from e
-        vocab = model_config_of(cfg[model_key]).vocab_size if cfg[model_key] else None
-        vocab = vocab or model_config(cfg.model).vocab_size
         if fmt.tokenizer.vocab_size > vocab:
             raise ConfigError(
                 f"config {tok_key}: {fmt.tokenizer.source} has {fmt.tokenizer.vocab_size} "
@@ -678,15 +682,9 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_cai(cfg)
-    for key in ("policy", "feedback_model"):  # fail now, not after hours of sampling
-        if cfg[key]:
-            try:
-                model_config_of(cfg[key])
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"config {key}={cfg[key]!r}: {e}") from e
+    policy_chat, feedback_chat = _chat_formats(cfg)  # checks the model paths too
     if jax.process_index() == 0:
         (run_dir / "cai.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    policy_chat, feedback_chat = _chat_formats(cfg)
     prompts, sources = _split_prompts(cfg)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     constitution = load_constitution(cfg.cai.constitution)

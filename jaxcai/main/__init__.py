@@ -43,11 +43,6 @@ def chat_for(
     where = cfg_tokenizer or checkpoint
     where = f" for {where}" if where else " (the bundled tokenizer)"
     try:
-        if cfg_chat == "template" and cfg_tokenizer is None and checkpoint is None:
-            raise ChatError(
-                "chat=template, but the bundled tokenizer has no chat template; name a "
-                "checkpoint or a tokenizer= directory that has one, or use chat=human_assistant"
-            )
         return chat_format(
             checkpoint, tokenizer=cfg_tokenizer, kind=cfg_chat, template_kwargs=kwargs or None
         )

@@ -68,6 +68,12 @@ class Tokenizer:
         """The id of a token string (a special token such as `<|im_end|>`), or None."""
         raise NotImplementedError
 
+    @property
+    def added_tokens(self) -> list[str]:
+        """Special and added token strings (`<|im_end|>`, ...): what a chat template may
+        write around a message."""
+        return [t for t in self.special_tokens.values() if t]
+
     def save(self, directory: str) -> list[str]:
         """Write the tokenizer files into `directory`; returns the names written."""
         raise NotImplementedError

@@ -103,12 +103,11 @@ class HFTokenizer(Tokenizer):
                 self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
             )
         # `transformers` skips this cleanup for BPE models (it would eat real spaces).
-        bpe = json.loads(tokenizer_json).get("model", {}).get("type") == "BPE"
+        bpe = type(self.tk.model).__name__ == "BPE"
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and not bpe
-        added = [t.content for t in self.tk.get_added_tokens_decoder().values()]
-        ids_seen = [self.tk.token_to_id(t) for t in added]
+        added = self.tk.get_added_tokens_decoder()  # id -> AddedToken
         self._vocab_size = max(
-            [self.tk.get_vocab_size(with_added_tokens=True)] + [i + 1 for i in ids_seen if i]
+            self.tk.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1
         )
 
     def _config(self, name: str) -> dict[str, Any]:
@@ -171,6 +170,10 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return [t.content for t in self.tk.get_added_tokens_decoder().values() if t.content]
 
     def _encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
         enc = self.tk.encode(text, add_special_tokens=False)
