@@ -108,6 +108,42 @@ def test_every_stage_writes_its_output(smoke_run):
         assert f"plots/{png}" in report
 
 
+GOLDEN = Path(__file__).parent / "data" / "golden_cai"
+PINNED = ("critique/trajectories.jsonl", "critique/sft.jsonl", "feedback/preferences.jsonl",
+          "eval/responses.jsonl")
+
+
+def _same(a, b, where: str) -> None:
+    """Equal JSON values: strings, ints and structure exactly, floats to 1e-6 (the one
+    allowance for a CPU whose float rounding differs from the one that wrote the files)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, int | float) and isinstance(b, int | float), where
+        assert abs(a - b) <= 1e-6, f"{where}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{where}: keys {list(a)} != {b}"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_outputs_match_the_pinned_run(smoke_run):
+    """The critique, feedback and eval JSONL of this fixed small run, as the pipeline
+    wrote them before it was restructured: every text, choice and label the same."""
+    run_dir, _ = smoke_run
+    for rel in PINNED:
+        got = (run_dir / rel).read_text(encoding="utf-8").splitlines()
+        want = (GOLDEN / rel.replace("/", "__")).read_text(encoding="utf-8").splitlines()
+        assert len(got) == len(want), rel
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                _same(json.loads(g), json.loads(w), f"{rel}:{i + 1}")
+
+
 def test_provenance_is_recorded(smoke_run):
     run_dir, _ = smoke_run
     from jaxcai.cai.constitution import load_constitution
