@@ -21,93 +21,23 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from jaxcai import model, sharding
-from jaxcai.config import model_config
-from jaxcai.data.batches import batch_sharding
-from jaxcai.model_config import ModelConfig
-from jaxcai.train import (
-    init_train_state,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    state_shardings,
-)
+from jaxcai import sharding
+from jaxcai.trainer import abstract_batch, build, run_model_config
 
 __all__ = ["abstract_batch", "compile_train_step", "memory_report", "run_model_config"]
 
 MB = 1024**2
 
 
-def run_model_config(cfg: DictConfig) -> ModelConfig:
-    """The model a run of `cfg` trains: `trainer.init_from`'s architecture when it names
-    an existing model (with `cfg.model`'s numerics and LoRA, as `jaxcai-train` adopts it),
-    else `cfg.model`. A preset's mandatory `init_from: ???` is not needed to compile."""
-    from jaxcai.loop import adopt_init_model
-
-    if OmegaConf.is_missing(cfg.trainer, "init_from") or not cfg.trainer.init_from:
-        return model_config(cfg.model)
-    cfg = cfg.copy()  # adopting rewrites `model`; the caller's config stays as it was
-    adopt_init_model(cfg)
-    return model_config(cfg.model)
-
-
-def abstract_batch(cfg: DictConfig, mesh, rules) -> dict[str, Any]:
-    """Shapes (with shardings) of one global `[A, B/A, ...]` batch of `cfg`'s objective."""
-    t, name = cfg.trainer, cfg.objective.name
-    A, R, T = t.grad_accum, t.batch_size // t.grad_accum, cfg.data.max_len
-
-    def leaf(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules))
-
-    def rows() -> dict[str, Any]:
-        keys = ("tokens", "targets", "mask", "segment_ids", "positions")
-        return {k: leaf((A, R, T), jnp.int32) for k in keys}
-
-    if name in ("lm", "sft"):
-        batch = rows()
-    else:
-        batch = {"chosen": rows(), "rejected": rows(), "p_chosen": leaf((A, R), jnp.float32)}
-        if name == "dpo" and cfg.objective.reference == "precompute":
-            for k in ("ref_chosen_logps", "ref_rejected_logps"):
-                batch[k] = leaf((A, R), jnp.float32)
-    batch["weight"] = leaf((A, R), jnp.float32)
-    return batch
-
-
 def compile_train_step(cfg: DictConfig, mesh, rules=sharding.DEFAULT_RULES):
     """(compiled step, abstract state, model config) of `cfg`'s run on `mesh`."""
-    mc = run_model_config(cfg)
-    head = "reward" if cfg.objective.name == "rm" else "lm"
-    optimizer = make_optimizer(cfg.optimizer, cfg.trainer.steps)
-    schedule = make_schedule(cfg.optimizer, cfg.trainer.steps)
     with sharding.use_mesh(mesh, rules):
-        param_sh = model.param_shardings(mc, mesh, rules, head=head)
-        params = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            model.param_shapes(mc, head=head),
-            param_sh,
-        )
-        abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params)
-        state_sh = state_shardings(abstract, param_sh, mesh)
-        state = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh
-        )
-        ref = None
-        if cfg.objective.name == "dpo" and cfg.objective.reference == "model":
-            ref = params
-        step = jax.jit(
-            make_train_step(mc, cfg.objective, optimizer, schedule),
-            in_shardings=(state_sh, None, None if ref is None else param_sh),
-            out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0,
-        )
-        compiled = step.lower(state, abstract_batch(cfg, mesh, rules), ref).compile()
-    return compiled, state, mc
+        trainer = build(cfg, mesh, rules, abstract=True)
+        compiled = trainer.compile(abstract_batch(cfg, mesh, rules))
+    return compiled, trainer.state, trainer.model
 
 
 def _per_device_bytes(tree: Any) -> int:

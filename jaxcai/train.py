@@ -1,16 +1,15 @@
-"""Train state, optimizer, objectives and the one pure train step they all share.
+"""Train state, optimizer and the one pure train step every objective shares.
 
 A batch is a dict of arrays with a leading gradient-accumulation axis, `[A, B/A, ...]`
 (`A = trainer.grad_accum`), sharded over the mesh's batch axes on its second axis. An
-objective maps `(params, micro_batch, ref_params)` to `(loss, weight, metrics)`, where
-`weight` (tokens or pairs) makes the accumulated loss exactly the loss of the whole
-batch: gradients of `loss * weight` are summed over micro-batches and divided by the
-total weight.
+objective's loss (`jaxcai.objectives`) maps `(params, micro_batch, ref_params)` to
+`(loss, metrics)`; `metrics[objective.weight]` (tokens or pairs) makes the accumulated
+loss exactly the loss of the whole batch: gradients of `loss * weight` are summed over
+micro-batches and divided by the total weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -19,21 +18,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcai import lora
+from jaxcai import lora, objectives
 from jaxcai.config import ObjectiveConfig, OptimizerConfig
-from jaxcai.losses import (
-    chunked_token_logps,
-    dpo_loss,
-    reward_loss,
-    sequence_logps_from_logps,
-    sft_loss_from_logps,
-    token_logps,
-)
-from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward
+from jaxcai.model import Params
 from jaxcai.model_config import ModelConfig
+from jaxcai.objectives import COUNT_METRICS, Objective, reference_logps
 
 __all__ = [
-    "OBJECTIVES",
     "TrainState",
     "init_train_state",
     "make_eval_step",
@@ -44,11 +35,6 @@ __all__ = [
 ]
 
 Batch = dict[str, Any]
-Objective = Callable[
-    [ModelConfig, ObjectiveConfig, Params, Batch, Params | None],
-    tuple[jax.Array, jax.Array, dict[str, jax.Array]],
-]
-COUNT_METRICS = ("tokens", "pairs")  # summed over micro-batches, not averaged
 
 
 @flax.struct.dataclass
@@ -128,129 +114,6 @@ def state_shardings(abstract: TrainState, param_shardings: Any, mesh) -> Any:
     return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-# ----- objectives -----------------------------------------------------------------------
-
-
-def _pair(batch: Batch, key: str) -> jax.Array | None:
-    """Chosen rows then rejected rows: one forward pass serves both."""
-    if key not in batch["chosen"]:
-        return None
-    return jnp.concatenate([batch["chosen"][key], batch["rejected"][key]], axis=0)
-
-
-def _inputs(batch: Batch, pair: bool = False) -> dict[str, jax.Array | None]:
-    """Model inputs of a batch: tokens, segment ids, and positions when the pipeline
-    packed examples (positions restart per segment either way)."""
-    get = (lambda k: _pair(batch, k)) if pair else batch.get
-    return {
-        "tokens_BT": get("tokens"),
-        "segment_ids_BT": get("segment_ids"),
-        "positions_BT": get("positions"),
-    }
-
-
-def _soft_label(oc: ObjectiveConfig, batch: Batch) -> jax.Array | None:
-    return batch["p_chosen"] if oc.soft_labels else None
-
-
-def _token_logps(
-    mc: ModelConfig, params: Params, inputs: dict, targets_BT: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Token log-probs of `targets_BT` and argmax hits [B, T]: from the full logits, or
-    `mc.logits_chunk` positions at a time (`losses.chunked_token_logps`)."""
-    if mc.logits_chunk:
-        hidden = forward_hidden(mc, params, **inputs)
-        return chunked_token_logps(hidden, lm_head(mc, params), targets_BT, mc.logits_chunk)
-    logits = forward(mc, params, **inputs)
-    return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
-
-
-def lm_objective(
-    mc: ModelConfig,
-    oc: ObjectiveConfig,
-    params: Params,
-    batch: Batch,
-    ref_params: Params | None = None,
-):
-    """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
-    logps, correct = _token_logps(mc, params, _inputs(batch), batch["targets"])
-    loss, metrics = sft_loss_from_logps(logps, correct, batch["mask"])
-    return loss, metrics["tokens"], metrics
-
-
-def rm_objective(
-    mc: ModelConfig,
-    oc: ObjectiveConfig,
-    params: Params,
-    batch: Batch,
-    ref_params: Params | None = None,
-):
-    if not oc.center_coef:
-        # Without centering the loss is blind to a shift of all rewards: the bias has an
-        # exactly zero gradient, and Adam would otherwise amplify rounding noise into steps.
-        params = {**params, "reward_bias": jax.lax.stop_gradient(params["reward_bias"])}
-    rewards = reward_forward(mc, params, **_inputs(batch, pair=True))
-    chosen, rejected = jnp.split(rewards, 2)
-    loss, metrics = reward_loss(
-        chosen,
-        rejected,
-        margin=oc.margin or None,
-        soft_label=_soft_label(oc, batch),
-        center_coef=oc.center_coef,
-        mask_B=batch["weight"],
-    )
-    return loss, metrics["pairs"], metrics
-
-
-def _pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logps, _ = _token_logps(mc, params, _inputs(batch, pair=True), _pair(batch, "targets"))
-    return sequence_logps_from_logps(logps, _pair(batch, "mask"))
-
-
-def dpo_objective(
-    mc: ModelConfig,
-    oc: ObjectiveConfig,
-    params: Params,
-    batch: Batch,
-    ref_params: Params | None = None,
-):
-    logps, counts = _pair_logps(mc, params, batch)
-    if ref_params is not None:
-        ref_chosen, ref_rejected = jnp.split(_pair_logps(mc, ref_params, batch)[0], 2)
-    else:
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    chosen, rejected = jnp.split(logps, 2)
-    chosen_n, rejected_n = jnp.split(counts, 2)
-    loss, metrics = dpo_loss(
-        chosen,
-        rejected,
-        ref_chosen,
-        ref_rejected,
-        beta=oc.beta,
-        loss_type=oc.loss_type,
-        label_smoothing=oc.label_smoothing,
-        soft_label=_soft_label(oc, batch),
-        chosen_counts_B=chosen_n,
-        rejected_counts_B=rejected_n,
-        mask_B=batch["weight"],
-    )
-    return loss, metrics["pairs"], metrics
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "lm": lm_objective,
-    "sft": lm_objective,
-    "rm": rm_objective,
-    "dpo": dpo_objective,
-}
-
-
-def reference_logps(mc: ModelConfig, params: Params, batch: Batch) -> dict[str, jax.Array]:
-    """Sequence log-probs of chosen and rejected under `params` (DPO's reference)."""
-    chosen, rejected = jnp.split(_pair_logps(mc, params, batch)[0], 2)
-    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-
-
 # ----- steps ----------------------------------------------------------------------------
 
 
@@ -269,7 +132,8 @@ def _accumulate(
 
     def weighted(p, micro):
         p = lora.combine(p, frozen) if frozen else p
-        loss, weight, metrics = objective(mc, oc, p, micro, ref_params)
+        loss, metrics = objective.loss(mc, oc, p, micro, ref_params)
+        weight = metrics[objective.weight]
         return loss * weight, (weight, metrics)
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
@@ -318,7 +182,7 @@ def make_train_step(
     A non-finite loss or gradient leaves the state unchanged (so no checkpoint is ever
     poisoned) and reports `nonfinite = 1`; the loop decides to stop or go on.
     """
-    objective = OBJECTIVES[oc.name]
+    objective = objectives.get(oc.name)
 
     def step(state: TrainState, batch: Batch, ref_params: Params | None = None):
         trainable, frozen = lora.split(state.params)
@@ -350,7 +214,7 @@ def make_train_step(
 
 def make_eval_step(mc: ModelConfig, oc: ObjectiveConfig):
     """`(params, batch, ref_params) -> metrics` with `loss` and the objective's metrics."""
-    objective = OBJECTIVES[oc.name]
+    objective = objectives.get(oc.name)
 
     def eval_step(params: Params, batch: Batch, ref_params: Params | None = None):
         return _accumulate(objective, mc, oc, params, batch, ref_params, False)[0]

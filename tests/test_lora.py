@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import traverse_util
 
-from jaxcai import hf, lora, model
+from jaxcai import hf, lora, model, objectives
 from jaxcai import train as T
 from jaxcai.config import ConfigError, ObjectiveConfig, OptimizerConfig, compose, model_config
 from jaxcai.load import load_model
@@ -131,9 +131,9 @@ def test_only_adapters_train_and_the_optimizer_holds_only_them(rng):
 
     # The adapter gradients equal those of the full model's loss w.r.t. the adapters.
     oc = ObjectiveConfig(name="sft")
-    _, grads = T._accumulate(T.OBJECTIVES["sft"], c, oc, adapters, batch, None, True, frozen)
+    _, grads = T._accumulate(objectives.get("sft"), c, oc, adapters, batch, None, True, frozen)
     full = jax.grad(
-        lambda p: T.OBJECTIVES["sft"](c, oc, p, jax.tree_util.tree_map(lambda x: x[0], batch))[0]
+        lambda p: objectives.get("sft").loss(c, oc, p, jax.tree_util.tree_map(lambda x: x[0], batch))[0]
     )(params)
     want = lora.split(full)[0]
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want), strict=True):

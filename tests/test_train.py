@@ -3,6 +3,7 @@ losses, schedules, config validation and the `jaxcai-train` smoke experiments.""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,7 +20,7 @@ import optax
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from jaxcai import model
+from jaxcai import model, objectives
 from jaxcai import train as T
 from jaxcai.checkpoint import Checkpointer
 from jaxcai.config import (
@@ -330,14 +331,16 @@ def _poisoned_run(tmp_path: Path, monkeypatch, mode: str, steps: int):
     data = write_sft(tmp_path / "poisoned.jsonl", pairs)
     clean = write_sft(tmp_path / "clean.jsonl", PAIRS)
 
-    original = T.OBJECTIVES["sft"]
+    original = objectives.get("sft")
 
     def poisoned(mc, oc, params, batch, ref_params=None):
-        loss, weight, metrics = original(mc, oc, params, batch, ref_params)
+        loss, metrics = original.loss(mc, oc, params, batch, ref_params)
         hit = jnp.isin(batch["tokens"], jnp.asarray(marker)).any()
-        return loss * jnp.where(hit, jnp.nan, 1.0), weight, metrics
+        return loss * jnp.where(hit, jnp.nan, 1.0), metrics
 
-    monkeypatch.setitem(T.OBJECTIVES, "sft", poisoned)
+    monkeypatch.setitem(
+        objectives._REGISTRY, "sft", dataclasses.replace(original, loss=poisoned)
+    )
     cfg = compose(
         [
             "experiment=smoke_sft",
@@ -516,7 +519,7 @@ def test_chunked_logits_give_the_same_step(rng, tied):
         results = []
         for chunk in (0, 5):
             step = functools.partial(
-                T._accumulate, T.OBJECTIVES[oc.name], mc.replace(logits_chunk=chunk), oc
+                T._accumulate, objectives.get(oc.name), mc.replace(logits_chunk=chunk), oc
             )
             results.append(jax.jit(lambda p, b, s=step: s(p, b, ref, True))(params, batch))
         (m_full, g_full), (m_chunk, g_chunk) = results

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcai.data.pipeline import EMPTY
+from jaxcai.data.pipeline import EMPTY, repad
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding
 
-__all__ = ["EMPTY", "data_shard", "eval_index_batches", "from_local_rows", "global_batch"]
+__all__ = ["EMPTY", "Feed", "data_shard", "eval_index_batches", "from_local_rows", "global_batch"]
 
 
 class Rows(Protocol):
@@ -105,3 +105,57 @@ def global_batch(
         return jax.make_array_from_callback(full, sharding, fetch)
 
     return jax.tree_util.tree_map_with_path(leaf, example)
+
+
+def _local_tokens(local: dict[str, Any], pairs: bool) -> int:
+    """Non-padding tokens in this process's rows (both sides of a pair)."""
+    if not pairs:
+        return int((local["segment_ids"] > 0).sum())
+    return int(sum((local[s]["segment_ids"] > 0).sum() for s in ("chosen", "rejected")))
+
+
+def _agree_length(local: dict[str, Any], pad_id: int, pairs: bool) -> dict[str, Any]:
+    """Pad every host's rows to the longest host's (rows of varying, bucketed length)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    rows = local["chosen"] if pairs else local
+    length = int(np.max(multihost_utils.process_allgather(np.int32(rows["tokens"].shape[1]))))
+    return repad(local, length, pad_id)
+
+
+class Feed:
+    """Training batches: this process's rows from its checkpointable `iterator`, placed
+    on the mesh as global `[A, B/A, ...]` batches. `next()` gives the batch and the
+    number of real tokens in it (all processes together)."""
+
+    def __init__(
+        self,
+        iterator: Any,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        mesh: Mesh,
+        rules: Rules = DEFAULT_RULES,
+        shard_count: int = 1,
+        pad_id: int = 0,
+        fixed_width: bool = True,
+        pairs: bool = False,
+    ):
+        self.iterator = iterator
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.mesh, self.rules = mesh, rules
+        self.shard_count, self.pad_id = shard_count, pad_id
+        self.fixed_width, self.pairs = fixed_width, pairs
+
+    def next(self) -> tuple[dict[str, Any], int]:
+        local = next(self.iterator)
+        if not self.fixed_width:  # bucketed rows: hosts agree on one length
+            local = _agree_length(local, self.pad_id, self.pairs)
+        tokens = _local_tokens(local, self.pairs) * self.shard_count
+        batch = from_local_rows(local, self.batch_size, self.grad_accum, self.mesh, self.rules)
+        return batch, tokens
+
+    def close(self) -> None:
+        self.iterator.close()

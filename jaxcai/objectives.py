@@ -1,0 +1,290 @@
+"""What an objective is, in one record per objective, and the registry that names them.
+
+An `Objective` says everything the rest of the library asks about an objective: the data
+kind it reads (`text`, `sft`, `preference`), the model head it trains (`lm` or
+`reward`), whether its batches are (chosen, rejected) pairs, whether it needs a frozen
+reference policy, the metric its loss is weighted by when micro-batches are accumulated,
+the pure loss function, and the layout of one batch (`batch_layout`: the abstract batch
+the data pipeline's checks, ahead-of-time compilation and the benchmarks all use).
+
+The built-in objectives are `lm`, `sft`, `rm` and `dpo`. A new one is one record:
+
+    from jaxcai import objectives
+    objectives.register(objectives.Objective(name="my_sft", data_kind="sft", loss=my_loss))
+
+and `jaxcai-train plugins=[my_module] objective.name=my_sft` trains it (`plugins` are
+modules imported at start-up, so their records are registered before the config is
+checked). A loss maps `(model_config, objective_config, params, micro_batch, ref_params)`
+to `(loss, metrics)`, where `metrics[objective.weight]` is the number of tokens or pairs
+the loss averages over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcai.losses import (
+    chunked_token_logps,
+    dpo_loss,
+    reward_loss,
+    sequence_logps_from_logps,
+    sft_loss_from_logps,
+    token_logps,
+)
+from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward
+from jaxcai.model_config import ModelConfig
+
+__all__ = [
+    "COUNT_METRICS",
+    "ROW_KEYS",
+    "Objective",
+    "ObjectiveError",
+    "batch_layout",
+    "check_batch",
+    "get",
+    "import_plugins",
+    "names",
+    "register",
+]
+
+Batch = dict[str, Any]
+Loss = Callable[[ModelConfig, Any, Params, Batch, Params | None], tuple[jax.Array, dict]]
+ROW_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")  # one [rows, T] each
+COUNT_METRICS = ("tokens", "pairs")  # summed over micro-batches, not averaged
+DATA_KINDS = ("text", "sft", "preference")
+
+
+class ObjectiveError(ValueError):
+    """An unknown objective, a record that cannot work, or a batch of the wrong layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One training objective, as every part of the library sees it."""
+
+    name: str
+    data_kind: str  # text | sft | preference: what `jaxcai.data.training` opens
+    loss: Loss
+    head: str = "lm"  # lm | reward: the params the model is initialised / loaded with
+    pairs: bool = False  # batches hold `chosen` and `rejected` rows (and `p_chosen`)
+    weight: str = "tokens"  # the metric the loss is an average over (tokens | pairs)
+    reference: bool = False  # needs a frozen reference policy (`objective.reference`)
+    hooks: Callable[[Any], list] | None = None  # context -> extra hooks (jaxcai.hooks)
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.data_kind not in DATA_KINDS:
+            raise ObjectiveError(f"objective {self.name}: data_kind must be one of {DATA_KINDS}")
+        if self.head not in ("lm", "reward"):
+            raise ObjectiveError(f"objective {self.name}: head must be lm or reward")
+        if self.weight not in COUNT_METRICS:
+            raise ObjectiveError(f"objective {self.name}: weight must be one of {COUNT_METRICS}")
+        if self.pairs != (self.data_kind == "preference"):
+            raise ObjectiveError(f"objective {self.name}: pairs come from preference data")
+
+    def reference_mode(self, oc: Any) -> str | None:
+        """`precompute` or `model` for an objective with a reference, else None."""
+        return str(oc.reference) if self.reference else None
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective, *, replace: bool = False) -> Objective:
+    """Add `objective` to the registry (an existing name needs `replace=True`)."""
+    if objective.name in _REGISTRY and not replace and _REGISTRY[objective.name] != objective:
+        raise ObjectiveError(f"objective {objective.name!r} is already registered")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def get(name: str) -> Objective:
+    """The registered objective called `name`."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ObjectiveError(
+            f"unknown objective {name!r}: choose one of {names()} (or register one; "
+            "see jaxcai.objectives)"
+        ) from None
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def import_plugins(modules: Iterable[str], key: str = "plugins") -> None:
+    """Import each named module (which registers its objectives or stages)."""
+    for module in modules or ():
+        try:
+            importlib.import_module(str(module))
+        except ImportError as e:
+            raise ObjectiveError(f"config {key}: cannot import {module!r}: {e}") from e
+
+
+# ----- batch layout ---------------------------------------------------------------------
+
+
+def batch_layout(objective: Objective, oc: Any, rows: int, length: int) -> Batch:
+    """Shapes and dtypes (`jax.ShapeDtypeStruct`s) of one micro-batch of `rows` rows
+    (pairs for pair objectives) of `length` tokens: the one statement of a batch's keys."""
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    per_row = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    if not objective.pairs:
+        return {**{k: ids for k in ROW_KEYS}, "weight": per_row}
+    batch = {"chosen": {k: ids for k in ROW_KEYS}, "rejected": {k: ids for k in ROW_KEYS}}
+    batch["p_chosen"] = per_row
+    if objective.reference_mode(oc) == "precompute":
+        batch["ref_chosen_logps"] = per_row
+        batch["ref_rejected_logps"] = per_row
+    batch["weight"] = per_row
+    return batch
+
+
+def check_batch(objective: Objective, oc: Any, batch: Batch, where: str = "batch") -> None:
+    """Raise `ObjectiveError` when `batch` lacks a key of the objective's layout or holds
+    one it does not have (`positions` may be absent: the model then counts positions)."""
+    want = batch_layout(objective, oc, 1, 1)
+
+    def keys(tree: Batch, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in tree.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    expected, got = keys(want), keys(batch)
+    missing = {k for k in expected - got if not k.endswith("positions")}
+    if missing or got - expected:
+        raise ObjectiveError(
+            f"{where}: objective {objective.name} expects keys {sorted(expected)}; "
+            f"missing {sorted(missing)}, unexpected {sorted(got - expected)}"
+        )
+
+
+# ----- the built-in losses --------------------------------------------------------------
+
+
+def _pair(batch: Batch, key: str) -> jax.Array | None:
+    """Chosen rows then rejected rows: one forward pass serves both."""
+    if key not in batch["chosen"]:
+        return None
+    return jnp.concatenate([batch["chosen"][key], batch["rejected"][key]], axis=0)
+
+
+def model_inputs(batch: Batch, pair: bool = False) -> dict[str, jax.Array | None]:
+    """Model inputs of a batch: tokens, segment ids, and positions when the pipeline
+    packed examples (positions restart per segment either way)."""
+    get_ = (lambda k: _pair(batch, k)) if pair else batch.get
+    return {
+        "tokens_BT": get_("tokens"),
+        "segment_ids_BT": get_("segment_ids"),
+        "positions_BT": get_("positions"),
+    }
+
+
+def token_logps_of(
+    mc: ModelConfig, params: Params, inputs: dict, targets_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Token log-probs of `targets_BT` and argmax hits [B, T]: from the full logits, or
+    `mc.logits_chunk` positions at a time (`losses.chunked_token_logps`)."""
+    if mc.logits_chunk:
+        hidden = forward_hidden(mc, params, **inputs)
+        return chunked_token_logps(hidden, lm_head(mc, params), targets_BT, mc.logits_chunk)
+    logits = forward(mc, params, **inputs)
+    return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
+
+
+def pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Sequence log-probs and response token counts of chosen then rejected rows."""
+    logps, _ = token_logps_of(mc, params, model_inputs(batch, pair=True), _pair(batch, "targets"))
+    return sequence_logps_from_logps(logps, _pair(batch, "mask"))
+
+
+def _soft_label(oc: Any, batch: Batch) -> jax.Array | None:
+    return batch["p_chosen"] if oc.soft_labels else None
+
+
+def lm_loss(mc: ModelConfig, oc: Any, params: Params, batch: Batch, ref_params=None):
+    """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
+    logps, correct = token_logps_of(mc, params, model_inputs(batch), batch["targets"])
+    return sft_loss_from_logps(logps, correct, batch["mask"])
+
+
+def rm_loss(mc: ModelConfig, oc: Any, params: Params, batch: Batch, ref_params=None):
+    """Bradley-Terry loss of the reward head on (chosen, rejected) pairs."""
+    if not oc.center_coef:
+        # Without centering the loss is blind to a shift of all rewards: the bias has an
+        # exactly zero gradient, and Adam would otherwise amplify rounding noise into steps.
+        params = {**params, "reward_bias": jax.lax.stop_gradient(params["reward_bias"])}
+    rewards = reward_forward(mc, params, **model_inputs(batch, pair=True))
+    chosen, rejected = jnp.split(rewards, 2)
+    return reward_loss(
+        chosen,
+        rejected,
+        margin=oc.margin or None,
+        soft_label=_soft_label(oc, batch),
+        center_coef=oc.center_coef,
+        mask_B=batch["weight"],
+    )
+
+
+def dpo_objective_loss(mc: ModelConfig, oc: Any, params: Params, batch: Batch, ref_params=None):
+    """DPO-family loss against an in-step reference model or precomputed log-probs."""
+    logps, counts = pair_logps(mc, params, batch)
+    if ref_params is not None:
+        ref_chosen, ref_rejected = jnp.split(pair_logps(mc, ref_params, batch)[0], 2)
+    else:
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    chosen, rejected = jnp.split(logps, 2)
+    chosen_n, rejected_n = jnp.split(counts, 2)
+    return dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=oc.beta,
+        loss_type=oc.loss_type,
+        label_smoothing=oc.label_smoothing,
+        soft_label=_soft_label(oc, batch),
+        chosen_counts_B=chosen_n,
+        rejected_counts_B=rejected_n,
+        mask_B=batch["weight"],
+    )
+
+
+def reference_logps(mc: ModelConfig, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    """Sequence log-probs of chosen and rejected under `params` (DPO's reference)."""
+    chosen, rejected = jnp.split(pair_logps(mc, params, batch)[0], 2)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+LM = register(Objective("lm", "text", lm_loss, doc="next-token loss on every token of packed text"))
+SFT = register(Objective("sft", "sft", lm_loss, doc="next-token loss on the response only"))
+RM = register(
+    Objective(
+        "rm",
+        "preference",
+        rm_loss,
+        head="reward",
+        pairs=True,
+        weight="pairs",
+        doc="Bradley-Terry reward model on preference pairs",
+    )
+)
+DPO = register(
+    Objective(
+        "dpo",
+        "preference",
+        dpo_objective_loss,
+        pairs=True,
+        weight="pairs",
+        reference=True,
+        doc="direct preference optimisation against a frozen reference",
+    )
+)
