@@ -3,7 +3,7 @@
 A model config with `lora_rank > 0` gives every projection named in `lora_targets` two
 extra params beside its kernel, `{name}_lora_a` `[in..., r]` and `{name}_lora_b`
 `[r, out...]`, and the projection computes `x @ W + (alpha / r) * (x @ A) @ B`
-(`jaxcai.model._project`). B starts at zero, so a fresh adapter leaves the model
+(`jaxcai.layers.project`). B starts at zero, so a fresh adapter leaves the model
 unchanged. When a params tree holds adapters, training updates only them (`split`): the
 optimizer state covers the adapters alone and no gradient of a base weight is formed.
 
@@ -71,11 +71,11 @@ def add_adapters(config: ModelConfig, params: Params, rng: jax.Array, shardings:
     Only the adapters are initialised (the jitted init keeps nothing else, so the base
     weights are never created twice); `shardings`, from `model.param_shardings(config, ...)`,
     places them like the rest of a sharded model."""
-    from jaxcai.model import init_params
+    from jaxcai.model import head_of, init_params
 
     if not config.lora_rank:
         return params
-    head = "reward" if "reward_kernel" in params else "lm"
+    head = head_of(params)
     adapter_shardings = None if shardings is None else split(shardings)[0]
     fresh = jax.jit(
         lambda r: split(init_params(config, r, head=head))[0], out_shardings=adapter_shardings

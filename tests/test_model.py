@@ -230,6 +230,15 @@ def test_reward_model_reads_last_real_token():
     assert r_plain.shape == (1,)
 
 
+def test_head_of_tells_a_reward_model_from_a_language_model():
+    config = ModelConfig.tiny()
+    lm = _params(config)
+    assert M.head_of(lm) == "lm"
+    assert M.head_of(M.to_reward_params(config, lm, jax.random.key(5))) == "reward"
+    assert M.head_of(M.param_shapes(config, head="reward")) == "reward"
+    assert M.head_of(M.unrolled(config, lm)[1]) == "lm"
+
+
 def _final_hidden(config, params, tokens):
     """Final-norm hidden states via the tied LM head: logits = h @ E^T, so solve for h."""
     # With tied embeddings logits_BTV = h_BTD @ embed_VD.T; least squares recovers h.

@@ -73,6 +73,6 @@ def language_model(
         )
     else:
         params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, SAMPLING_RULES)
-    if "reward_kernel" in params:
+    if model.head_of(params) == "reward":
         sys.exit(f"{program}: {cfg.checkpoint} is a reward model; it cannot {use}")
     return config, params
