@@ -125,7 +125,7 @@ def _same(a, b, where: str) -> None:
             _same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -139,7 +139,7 @@ def test_outputs_match_the_pinned_run(smoke_run):
         got = (run_dir / rel).read_text(encoding="utf-8").splitlines()
         want = (GOLDEN / rel.replace("/", "__")).read_text(encoding="utf-8").splitlines()
         assert len(got) == len(want), rel
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             if g != w:
                 _same(json.loads(g), json.loads(w), f"{rel}:{i + 1}")
 
@@ -174,13 +174,13 @@ def test_provenance_is_recorded(smoke_run):
 
 def test_finished_stages_are_skipped(smoke_run, monkeypatch):
     run_dir, records = smoke_run
-    import jaxcai.cai.pipeline as P
+    from jaxcai.cai import stages
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for name in list(P._STAGES):
-        monkeypatch.setitem(P._STAGES, name, boom)
+    for stage in stages.registered():
+        monkeypatch.setattr(stage, "run", boom)
     again = run_cai(_cfg(), run_dir)
     assert {k: v["outputs"] for k, v in again.items()} == {
         k: v["outputs"] for k, v in records.items()

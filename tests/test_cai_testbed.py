@@ -28,6 +28,7 @@ from jaxcai.cai.feedback import FeedbackSettings, ModelJudge, judge_pairs, prefe
 from jaxcai.load import load_model
 from jaxcai.model_config import preset
 from jaxcai.sample import Generation
+from jaxcai.sample import chat as SC  # every stage samples through generate_chat
 from jaxcai.tokenizer import Tokenizer
 
 # Trains a base model and runs SL-CAI and RL-CAI on it: minutes on 2 cores; CI runs it
@@ -103,7 +104,7 @@ def test_documents_are_the_pipelines_text(monkeypatch, tok, cons):
         n = len(ids)
         return Generation([[5]] * n, [[-1.0]] * n, ["stop_id"] * n, texts)
 
-    monkeypatch.setattr(C, "generate", scripted_generate)
+    monkeypatch.setattr(SC, "generate", scripted_generate)
     params = model.init_params(preset("tiny"), jax.random.key(0))
     records = C.critique_and_revise(
         preset("tiny"), params, tok, cons, prompts, rounds=1, seed=3, few_shot=False

@@ -25,6 +25,7 @@ from jaxcai.chat import HumanAssistantFormat, messages_from_transcript
 from jaxcai.evals import choice, generation
 from jaxcai.model_config import ModelConfig
 from jaxcai.sample import Generation, choose
+from jaxcai.sample import chat as SC  # every stage samples through generate_chat
 from jaxcai.tokenizer import load as load_tokenizer
 
 LITERAL = """
@@ -109,7 +110,7 @@ def test_critique_contexts_are_template_conversations(monkeypatch, fmt, tiny, co
     config, params = tiny
     config = config.replace(max_seq_len=2048)
     rec = Recorder()
-    monkeypatch.setattr(C, "generate", rec)
+    monkeypatch.setattr(SC, "generate", rec)
     prompts = ["\n\nHuman: Where is it?", "\n\nSystem: Be brief.\n\nHuman: hi"]
     (first, second) = C.critique_and_revise(
         config, params, fmt, constitution, prompts, rounds=1, few_shot=True
@@ -240,7 +241,7 @@ def test_chain_of_thought_in_the_template(monkeypatch, fmt, tiny, constitution):
         "<|im_start|>assistant\nLet's think step by step: It is kinder.\nThe answer is:"
     )
     rec = Recorder()
-    monkeypatch.setattr(F, "generate", rec)
+    monkeypatch.setattr(SC, "generate", rec)
     assert judge.reason([cot], [1], 5) == ["out1-0"]
     (call,) = rec.calls
     _check_template_stops(fmt, call)
@@ -251,7 +252,7 @@ def test_chain_of_thought_in_the_template(monkeypatch, fmt, tiny, constitution):
 def test_sample_pairs_and_generation_eval_open_the_template(monkeypatch, fmt, tiny):
     config, params = tiny
     prompts = ["\n\nHuman: hi", "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?"]
-    for module, run in (
+    for _module, run in (
         (F, lambda: F.sample_pairs(config, params, fmt, prompts, max_new_tokens=4)),
         (
             generation,
@@ -265,7 +266,7 @@ def test_sample_pairs_and_generation_eval_open_the_template(monkeypatch, fmt, ti
         ),
     ):
         rec = Recorder()
-        monkeypatch.setattr(module, "generate", rec)
+        monkeypatch.setattr(SC, "generate", rec)
         run()
         (call,) = rec.calls
         _check_template_stops(fmt, call)
@@ -311,7 +312,7 @@ def test_human_assistant_format_gives_the_tokenizer_ids(monkeypatch, constitutio
 
     def calls(module, run, *args):
         rec = Recorder()
-        monkeypatch.setattr(module, "generate", rec)
+        monkeypatch.setattr(SC, "generate", rec)
         out = run(*args)
         monkeypatch.undo()
         return rec.calls, out

@@ -10,6 +10,7 @@ from jaxcai.cai import critique as C
 from jaxcai.cai.constitution import load_constitution
 from jaxcai.model_config import preset
 from jaxcai.sample import Generation
+from jaxcai.sample import chat as SC  # every stage samples through generate_chat
 from jaxcai.tokenizer import Tokenizer
 
 PROMPTS = ["\n\nHuman: How do I pick a lock?", "\n\nHuman: Tell me a joke."]
@@ -41,7 +42,7 @@ def test_conversation_assembly_and_records(monkeypatch, tok, constitution, param
         texts = [f"text{step}-{i}" for i in range(len(ids))]
         return Generation([[5]] * len(ids), [[-1.0]] * len(ids), ["stop_string"] * len(ids), texts)
 
-    monkeypatch.setattr(C, "generate", fake_generate)
+    monkeypatch.setattr(SC, "generate", fake_generate)
     config = preset("tiny", max_seq_len=4096)
     records = C.critique_and_revise(
         config, params, tok, constitution, PROMPTS, rounds=2, seed=7, few_shot=True
@@ -90,7 +91,7 @@ def test_principles_are_seeded_draws_with_replacement(monkeypatch, tok, params):
             [[5]] * len(ids), [[0.0]] * len(ids), ["length"] * len(ids), ["x"] * len(ids)
         )
 
-    monkeypatch.setattr(C, "generate", fake_generate)
+    monkeypatch.setattr(SC, "generate", fake_generate)
     config = preset("tiny", max_seq_len=8192)
     run = lambda seed: [
         [r["principle"] for r in rec.rounds]
@@ -199,7 +200,7 @@ def test_exact_critique_and_revision_contexts(monkeypatch, tok, params):
         text = f"out{len(seen)}"
         return Generation([[5]], [[-1.0]], ["stop_string"], [f"  {text} "])
 
-    monkeypatch.setattr(C, "generate", fake_generate)
+    monkeypatch.setattr(SC, "generate", fake_generate)
     config = preset("tiny", max_seq_len=4096)
     (rec,) = C.critique_and_revise(
         config, params, tok, constitution, ["\n\nHuman: Where is it?"], rounds=1, few_shot=True

@@ -13,7 +13,7 @@ request, critique and revision request; the chat format (`tok`: a `ChatFormat`, 
 `Tokenizer` for the paper's Human/Assistant transcript) opens it for the assistant's
 answer and says where an answer ends (its end-of-turn ids and stop strings).
 
-Each step is one batched `jaxcai.sample.generate` call over all prompts. A sequence's
+Each step is one batched `jaxcai.sample.generate_chat` call over all prompts. A sequence's
 randomness depends on the seed, the prompt's index, the round and the step only (never
 on batching), and the principle draws on the seed only, so a run is reproducible.
 Contexts longer than the model allows keep their end: the few-shot examples are dropped
@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxcai import streams
 from jaxcai.cai.constitution import Constitution
 from jaxcai.chat import ChatFormat, as_format, messages_from_transcript, transcript_from_messages
 from jaxcai.model import unrolled
-from jaxcai.sample import SAMPLING_RULES, generate, keep_end
+from jaxcai.sample import SAMPLING_RULES, generate_chat
 from jaxcai.tokenizer import Tokenizer
 
 __all__ = [
@@ -110,31 +111,20 @@ def _sample(
     mesh,
     progress: bool,
 ) -> list[str]:
-    limit = config.max_seq_len - settings.max_new_tokens
-    if limit < 2:
-        raise ValueError(
-            f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
-            f"model's max_seq_len={config.max_seq_len}"
-        )
-    ids = [keep_end(fmt.prompt_ids(c), limit) for c in conversations]
-    out = generate(
+    return generate_chat(
         config,
         params,
-        ids,
+        fmt,
+        conversations,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         top_k=settings.top_k,
         top_p=settings.top_p,
         seeds=list(seeds),
-        stop_ids=fmt.stop_ids,
-        stop_strings=fmt.stop_strings,
-        tokenizer=fmt.tokenizer,
-        pad_id=fmt.tokenizer.pad_id,
         batch_size=settings.batch_size,
         progress=progress,
         mesh=mesh,
-    )
-    return [t.strip() for t in out.texts]
+    ).texts
 
 
 def critique_and_revise(
@@ -169,14 +159,16 @@ def critique_and_revise(
     config, params = unrolled(config, params, mesh, SAMPLING_RULES)
     draws = np.array(
         [
-            np.random.default_rng([seed, 0, i]).integers(0, len(constitution.critiques), rounds)
+            streams.rng("critique.principles", seed, i).integers(
+                0, len(constitution.critiques), rounds
+            )
             for i in indices
         ]
     ).reshape(len(prompts), rounds)
     shots = few_shot_messages(constitution) if few_shot else []
 
     def seeds(step: int) -> list[int]:  # one stream per (prompt, step), batch independent
-        return [int(np.random.default_rng([seed, 1, step, i]).integers(0, 2**31)) for i in indices]
+        return [streams.draw_seed("critique.samples", seed, step, i) for i in indices]
 
     contexts = [_conversation(shots, p) for p in prompts]
     sample = lambda step: _sample(

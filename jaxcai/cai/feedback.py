@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcai import streams
 from jaxcai.cai.constitution import ANSWER_SUFFIX, Constitution
 from jaxcai.chat import ChatFormat, as_format, messages_from_transcript
 from jaxcai.evals.choice import option_ids
 from jaxcai.model import unrolled
-from jaxcai.sample import SAMPLING_RULES, generate, keep_end, score
+from jaxcai.sample import SAMPLING_RULES, generate_chat, keep_end, score
 from jaxcai.tokenizer import Tokenizer
 
 __all__ = [
@@ -177,25 +178,20 @@ class ModelJudge:
         self, questions: Sequence[str], seeds: Sequence[int], max_new_tokens: int
     ) -> list[str]:
         """Sampled chain-of-thought texts, one per question (ending before an answer)."""
-        limit = self.config.max_seq_len - max_new_tokens
-        ids = [keep_end(self.fmt.encode_text(self.context(q)), limit) for q in questions]
-        out = generate(
+        return generate_chat(
             self.config,
             self.params,
-            ids,
+            self.fmt,
+            [self.context(q) for q in questions],
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            seeds=list(seeds),
-            stop_ids=self.fmt.stop_ids,
-            stop_strings=(*self.fmt.stop_strings, ANSWER_SUFFIX),
-            tokenizer=self.tok,
-            pad_id=self.tok.pad_id,
+            seeds=seeds,
+            extra_stop_strings=(ANSWER_SUFFIX,),
             batch_size=self.batch_size,
             mesh=self.mesh,
             progress=self.progress,
-        )
-        return [t.strip() for t in out.texts]
+        ).texts
 
 
 def _example_block(constitution: Constitution, cot: bool) -> str:
@@ -242,8 +238,33 @@ def feedback_question(
     return (_example_block(constitution, cot) if few_shot else "") + question
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *key])
+def _questions(
+    constitution: Constitution,
+    prompts: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    draws: Sequence[np.ndarray],
+    settings: FeedbackSettings,
+) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Every question to ask, and its key: (pair, principle slot, order)."""
+    orders = [(0, 1), (1, 0)] if settings.debias else [(0, 1)]
+    questions, keys = [], []
+    for p, (prompt, pair, chosen) in enumerate(zip(prompts, pairs, draws, strict=True)):
+        for j, principle_index in enumerate(chosen):
+            principle = constitution.preferences[principle_index].question
+            for o, (a, b) in enumerate(orders):
+                questions.append(
+                    feedback_question(
+                        constitution,
+                        prompt,
+                        pair[a],
+                        pair[b],
+                        principle,
+                        few_shot=settings.few_shot,
+                        cot=settings.cot,
+                    )
+                )
+                keys.append((p, j, o))
+    return questions, keys
 
 
 def judge_pairs(
@@ -272,32 +293,19 @@ def judge_pairs(
         )
     indices = list(range(n)) if indices is None else list(indices)
     draws = [
-        _rng(seed, 2, i).choice(len(constitution.preferences), size=k, replace=False)
+        streams.rng("feedback.principles", seed, i).choice(
+            len(constitution.preferences), size=k, replace=False
+        )
         for i in indices
     ]
-    orders = [(0, 1), (1, 0)] if settings.debias else [(0, 1)]
-    questions, keys = [], []  # key: (pair, principle slot, order)
-    for p, (prompt, pair, chosen) in enumerate(zip(prompts, pairs, draws, strict=True)):
-        for j, principle_index in enumerate(chosen):
-            principle = constitution.preferences[principle_index].question
-            for o, (a, b) in enumerate(orders):
-                questions.append(
-                    feedback_question(
-                        constitution,
-                        prompt,
-                        pair[a],
-                        pair[b],
-                        principle,
-                        few_shot=settings.few_shot,
-                        cot=settings.cot,
-                    )
-                )
-                keys.append((p, j, o))
+    questions, keys = _questions(constitution, prompts, pairs, draws, settings)
     reasoning = [""] * len(questions)
     if settings.cot:
         if not hasattr(judge, "reason"):
             raise TypeError("chain-of-thought feedback needs a judge with a reason() method")
-        seeds = [int(_rng(seed, 3, indices[p], j, o).integers(0, 2**31)) for p, j, o in keys]
+        seeds = [
+            streams.draw_seed("feedback.reasoning", seed, indices[p], j, o) for p, j, o in keys
+        ]
         reasoning = judge.reason(questions, seeds, settings.cot_max_new_tokens)
         questions = [f"{q} {r}\n{ANSWER_SUFFIX}" for q, r in zip(questions, reasoning, strict=True)]
     probs = np.asarray(judge(questions), np.float64)
@@ -344,29 +352,22 @@ def sample_pairs(
     """Two sampled responses per prompt from the policy (seeded per prompt index), each
     prompt opened for the assistant's answer in the chat format `tok` (a `Tokenizer`
     means its Human/Assistant transcript)."""
-    fmt = as_format(tok)
     indices = list(range(len(prompts))) if indices is None else list(indices)
-    limit = config.max_seq_len - max_new_tokens
-    ids = [keep_end(fmt.prompt_ids(messages_from_transcript(p)), limit) for p in prompts]
-    out = generate(
+    texts = generate_chat(
         config,
         params,
-        ids,
+        tok,
+        [messages_from_transcript(p) for p in prompts],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        seeds=[int(_rng(seed, 4, i).integers(0, 2**31)) for i in indices],
+        seeds=[streams.draw_seed("feedback.pairs", seed, i) for i in indices],
         num_samples=2,
-        stop_ids=fmt.stop_ids,
-        stop_strings=fmt.stop_strings,
-        tokenizer=fmt.tokenizer,
-        pad_id=fmt.tokenizer.pad_id,
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,
-    )
-    texts = [t.strip() for t in out.texts]
+    ).texts
     return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
 
 

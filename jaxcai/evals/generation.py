@@ -18,17 +18,16 @@ from typing import Any
 
 import jax
 
-from jaxcai.chat import ChatFormat, HumanAssistantFormat, as_format, messages_from_transcript
+from jaxcai.chat import ChatFormat, messages_from_transcript
 from jaxcai.evals.text import text_metrics
 from jaxcai.model_config import ModelConfig
-from jaxcai.sample import generate, keep_end
+from jaxcai.sample import STOP, generate_chat
 from jaxcai.tokenizer import Tokenizer, answer_context
 
 __all__ = ["STOP", "evaluate_generation", "metrics_markdown", "sampling_prompt"]
 
-# The Human/Assistant format's stop string (kept for callers; generation stops at the
-# format's own `stop_strings`).
-STOP = HumanAssistantFormat.stop_strings[0]
+# `STOP` (re-exported for callers) is the Human/Assistant transcript's end of turn,
+# defined once in `jaxcai.sample.chat`; generation stops at the format's own stops.
 
 
 sampling_prompt = answer_context  # the transcript with an open Assistant turn
@@ -54,39 +53,24 @@ def evaluate_generation(
     Returns `{"n", "truncated", "metrics": text_metrics(...), "examples": [{"source",
     "prompt", "reference", "prediction", "stop_reason"}, ...]}`. `tok` is the chat format
     (a `Tokenizer` means its Human/Assistant transcript)."""
-    fmt = as_format(tok)
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
-    limit = config.max_seq_len - max_new_tokens
-    if limit < 2:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-            f"max_seq_len={config.max_seq_len}"
-        )
-    ids, truncated = [], 0
-    for r in records:
-        full = fmt.prompt_ids(messages_from_transcript(r["prompt"]))
-        ids.append(keep_end(full, limit))
-        truncated += len(full) > limit
-    out = generate(
+    out = generate_chat(
         config,
         params,
-        ids,
+        tok,
+        [messages_from_transcript(r["prompt"]) for r in records],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        stop_ids=fmt.stop_ids,
-        stop_strings=fmt.stop_strings,
-        tokenizer=fmt.tokenizer,
-        pad_id=fmt.tokenizer.pad_id,
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,
     )
-    predictions = [t.strip() for t in out.texts]
+    predictions, truncated = out.texts, out.truncated
     references = [str(r["response"]).strip() for r in records]
     return {
         "n": len(records),

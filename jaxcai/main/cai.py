@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from jaxcai.cai.constitution import ConstitutionError
-from jaxcai.cai.pipeline import PipelineError, run_cai
+from jaxcai.cai.run import run_cai
+from jaxcai.cai.stages import PipelineError
 from jaxcai.config import CONFIG_PATH, ConfigError, register
 from jaxcai.data.records import DataError
 

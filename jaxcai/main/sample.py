@@ -25,13 +25,13 @@ from jaxcai.data.records import DataError
 from jaxcai.data.training import open_dataset
 from jaxcai.main import chat_for, language_model
 from jaxcai.model_config import param_count
-from jaxcai.sample import SAMPLING_RULES, generate
+from jaxcai.sample import HUMAN_TURN, SAMPLING_RULES, generate
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
     """Prompt transcripts (ending on a Human turn) from the config."""
     if cfg.prompts is None:
-        return [f"\n\nHuman: {cfg.prompt.strip()}"]
+        return [f"{HUMAN_TURN} {cfg.prompt.strip()}"]
     spec = str(cfg.prompts)
     path = Path(spec).expanduser()
     ds = open_dataset(spec, "prompts") if path.is_file() else load_dataset(spec)
@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> None:
     except (DataError, ChatError) as e:
         sys.exit(f"jaxcai-sample: {e}")
     if cfg.stop_strings is None:
-        stop_strings = fmt.stop_strings  # the format's ("\n\nHuman:" for the transcript)
+        stop_strings = fmt.stop_strings  # the format's (HUMAN_TURN for the transcript)
     elif isinstance(cfg.stop_strings, str):
         stop_strings = (cfg.stop_strings,)
     else:

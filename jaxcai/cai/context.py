@@ -1,0 +1,116 @@
+"""What every stage of a CAI run shares: the config, the run directory, the chat
+formats, the constitution, the prompt split, the mesh and the outputs so far."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from omegaconf import DictConfig
+
+from jaxcai.cai import io
+from jaxcai.cai import provenance as prov
+from jaxcai.cai.constitution import Constitution
+from jaxcai.cai.critique import SamplingSettings
+from jaxcai.cai.feedback import FeedbackSettings, ModelJudge
+from jaxcai.chat import ChatFormat
+from jaxcai.load import load_model
+from jaxcai.sample import SAMPLING_RULES
+
+__all__ = ["RunContext"]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """The run a stage belongs to (`run(context, inputs)` receives it)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    chat: ChatFormat  # the policy's tokenizer and chat format (all policies share them)
+    feedback_chat: ChatFormat  # the feedback model's (its own checkpoint's by default)
+    constitution: Constitution
+    prompts: dict[str, dict[str, list[str]]]  # set -> {"train", "eval"} -> prompts
+    prompt_sources: dict[str, Any]
+    mesh: Any
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> path
+    _models: dict[str, tuple] = dataclasses.field(default_factory=dict)
+
+    @property
+    def progress(self) -> bool:
+        """Whether to show progress bars (asked for, and this is process 0)."""
+        return bool(self.cfg.progress) and jax.process_index() == 0
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where a stage writes its files."""
+        return self.run_dir / stage
+
+    def model(self, path: str) -> tuple:
+        """(config, params) of a policy or reward model, loaded once per path."""
+        if path not in self._models:
+            self._models.clear()  # keep at most one model in memory between stages
+            numerics = {k: self.cfg.model[k] for k in ("dtype", "param_dtype")}
+            self._models[path] = load_model(
+                path, mesh=self.mesh, rules=SAMPLING_RULES, progress=self.progress, **numerics
+            )
+        return self._models[path]
+
+    def sampling(self) -> SamplingSettings:
+        """The `sampling` section as critique settings."""
+        s = self.cfg.sampling
+        return SamplingSettings(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            batch_size=s.batch_size,
+        )
+
+    def feedback_settings(self) -> FeedbackSettings:
+        """The `feedback` section as labelling settings."""
+        f = self.cfg.feedback
+        return FeedbackSettings(
+            principles=f.principles,
+            debias=f.debias,
+            cot=f.cot,
+            cot_max_new_tokens=f.cot_max_new_tokens,
+            few_shot=f.few_shot,
+        )
+
+    def judge(self) -> ModelJudge:
+        """The feedback model (`feedback_model`, else the initial policy) as a judge."""
+        path = self.cfg.feedback_model or self.outputs["initial"]
+        config, params = self.model(path)
+        return ModelJudge(
+            config,
+            params,
+            self.feedback_chat,
+            batch_size=self.cfg.sampling.batch_size,
+            temperature=self.cfg.sampling.temperature,
+            top_p=self.cfg.sampling.top_p,
+            mesh=self.mesh,
+        )
+
+    def provenance(self, stage: str, **extra: Any) -> dict[str, Any]:
+        """The provenance record of a stage's output (`jaxcai.cai.provenance`)."""
+        chats = (self.chat, self.feedback_chat)
+        return prov.provenance(
+            self.cfg, self.constitution, self.prompt_sources, self.outputs, chats, stage, **extra
+        )
+
+    def chunks(
+        self, stage: str, name: str, n: int, work: Callable[[int, int], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """`work(lo, hi)` over `[0, n)` in chunks of `chunk_size`, each kept in the stage's
+        `parts/` once finished, so a restarted stage does only the unfinished chunks."""
+        return io.run_chunks(
+            self.stage_dir(stage) / "parts",
+            name,
+            n,
+            int(self.cfg.chunk_size),
+            work,
+            desc=f"{stage}: {name}",
+            progress=self.progress,
+        )

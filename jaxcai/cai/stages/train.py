@@ -1,0 +1,91 @@
+"""The training stages `sft`, `rm` and `dpo`: one `TrainStage(objective)` each, an
+ordinary `jaxcai-train` run on another stage's dataset from another stage's model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from omegaconf import DictConfig, OmegaConf
+
+from jaxcai.cai import io
+from jaxcai.cai.context import RunContext
+from jaxcai.cai.provenance import dataset_provenance, model_card, plain
+from jaxcai.cai.stages.base import Stage, get, register
+from jaxcai.config import ConfigError, compose
+
+__all__ = ["TrainStage", "train_config"]
+
+# objective -> (the stage whose dataset it trains on, the stage whose model it starts from)
+WIRING = {"sft": ("critique", "initial"), "rm": ("feedback", "sft"), "dpo": ("feedback", "sft")}
+
+
+def train_config(context: RunContext, stage: str, data: str, init_from: str) -> DictConfig:
+    """The `jaxcai-train` config of a training stage: the objective's defaults, then
+    `train` (shared), then the stage's own section, then the pipeline's wiring."""
+    objective = get_objective(stage)
+    cfg_in = context.cfg
+    data_group = "sft" if objective == "sft" else "preferences"
+    cfg = compose([f"objective={objective}", f"data={data_group}"], "train")
+    cfg = OmegaConf.merge(cfg, {"mesh": cfg_in.mesh, "model": cfg_in.model})
+    for key in ("train", stage):
+        try:
+            cfg = OmegaConf.merge(cfg, cfg_in[key] or {})
+        except Exception as e:  # an unknown or mistyped key
+            raise ConfigError(f"config {key}: {e}") from e
+    cfg.data.train = data
+    cfg.data.tokenizer = cfg_in.tokenizer
+    cfg.data.chat = context.chat.kind  # every policy keeps the initial policy's format
+    cfg.data.chat_kwargs = getattr(context.chat, "template_kwargs", {})
+    cfg.trainer.init_from = init_from
+    cfg.trainer.progress = context.progress
+    if objective in ("rm", "dpo"):
+        cfg.objective.soft_labels = cfg_in.feedback.labels == "soft"
+    return cfg
+
+
+def get_objective(stage: str) -> str:
+    """The training objective of a training stage (its `TrainStage.objective`)."""
+    found = get(stage)
+    if not isinstance(found, TrainStage):
+        raise ConfigError(f"stage {stage} is not a training stage")
+    return found.objective
+
+
+@dataclasses.dataclass
+class TrainStage(Stage):
+    """Train `objective` on the dataset of `needs[0]` from the model of `needs[1]`."""
+
+    objective: str = "sft"
+
+    @classmethod
+    def of(cls, objective: str, data_from: str, init_from: str) -> TrainStage:
+        """The stage named after its objective, wired to its data and starting model."""
+        return cls(objective, needs=(data_from, init_from), produces="model", objective=objective)
+
+    def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        from jaxcai.loop import run as train
+
+        data, init_from = (inputs[n] for n in self.needs)
+        cfg = train_config(context, self.name, data, init_from)
+        out = context.stage_dir(self.name)
+        summary = train(cfg, out)
+        provenance = context.provenance(
+            self.name,
+            data=data,
+            data_provenance=dataset_provenance(data),
+            init_from=init_from,
+            objective=plain(cfg.objective),
+            trainer=plain(cfg.trainer),
+            optimizer=plain(cfg.optimizer),
+        )
+        if jax.process_index() == 0:
+            io.write_json(out / "provenance.json", provenance)
+            (out / "MODEL_CARD.md").write_text(model_card(self.name, provenance, summary))
+        return str(out), summary
+
+
+SFT = register(TrainStage.of("sft", *WIRING["sft"]))
+RM = register(TrainStage.of("rm", *WIRING["rm"]))
+DPO = register(TrainStage.of("dpo", *WIRING["dpo"]))
