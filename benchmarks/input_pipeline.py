@@ -41,15 +41,14 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai import model, sharding
-from jaxcai.config import ObjectiveConfig, OptimizerConfig
+from jaxcai import model, objectives, sharding
 from jaxcai.data import builders
 from jaxcai.data.batches import from_local_rows
 from jaxcai.data.pipeline import IndexedSource, Layout, train_iterator
 from jaxcai.data.training import open_dataset
 from jaxcai.model_config import ModelConfig, param_count
 from jaxcai.tokenizer import Tokenizer
-from jaxcai.train import init_train_state, make_optimizer, make_train_step
+from jaxcai.trainer import build, step_config
 
 log = logging.getLogger(__name__)
 
@@ -151,27 +150,31 @@ def time_pipeline(cfg: DictConfig, source: IndexedSource, tok: Tokenizer) -> dic
 
 def time_train_step(cfg: DictConfig, mc: ModelConfig, batch: dict[str, Any]) -> dict[str, Any]:
     """Compile, then time `train_steps` jitted train steps on `batch`."""
-    objective = ObjectiveConfig(name=OBJECTIVE[cfg.kind])
-    head = "reward" if objective.name == "rm" else "lm"
-    total_steps = cfg.train_warmup + cfg.train_steps
+    objective = objectives.get(OBJECTIVE[cfg.kind])
+    run_cfg = step_config(
+        cfg.model,
+        OmegaConf.create({"name": objective.name}),
+        steps=cfg.train_warmup + cfg.train_steps,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.max_len,
+    )
     mesh = sharding.make_mesh()
     with sharding.use_mesh(mesh):
-        params = model.init_sharded(mc, jax.random.key(cfg.seed), mesh, head=head)
-        optimizer = make_optimizer(OptimizerConfig(), total_steps)
-        state = jax.jit(lambda p: init_train_state(p, optimizer, cfg.seed), donate_argnums=0)(
-            params
-        )
+        params = model.init_sharded(mc, jax.random.key(cfg.seed), mesh, head=objective.head)
+        trainer = build(run_cfg, mesh, params=(mc, params))
         del params
-        step = jax.jit(make_train_step(mc, objective, optimizer), donate_argnums=0)
+        state, step = trainer.state, trainer.step
+        trainer.state = None  # donated to the first step
         device_batch = from_local_rows(batch, cfg.batch_size, 1, mesh)  # [1, B, ...]
         start = time.perf_counter()
         for _ in range(cfg.train_warmup):
-            state, metrics = step(state, device_batch)
+            state, metrics = step(state, device_batch, None)
             jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(cfg.train_steps):
-            state, metrics = step(state, device_batch)
+            state, metrics = step(state, device_batch, None)
         jax.block_until_ready((state, metrics))
         seconds = (time.perf_counter() - start) / cfg.train_steps
     return {

@@ -1,7 +1,7 @@
 """Train-step throughput: `python -m benchmarks.train_step objective=<sft|rm|dpo>`.
 
-Times the jitted, donated train step (`jaxcai.train.make_train_step`, the step
-`jaxcai-train` runs) on random batches of the reference workload (`bench_ref`:
+Times the jitted, donated train step (`jaxcai.trainer.build`, the step `jaxcai-train`
+runs) on random batches of the reference workload (`bench_ref`:
 SFT 8 x 512 with 128-token prompts; DPO/RM 8 pairs x 512) and reports:
 
 - tokens/s (pairs count both sequences: pair-tokens/s) and model FLOP/s, counting
@@ -41,19 +41,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.common import run_fields
-from jaxcai import model, sharding
+from jaxcai import model, objectives, sharding
 from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data.batches import from_local_rows
 from jaxcai.metrics import peak_flops_per_device, peak_rss_mb
 from jaxcai.model_config import flops_per_token
-from jaxcai.train import init_train_state, make_optimizer, make_train_step, state_shardings
+from jaxcai.objectives import ROW_KEYS
+from jaxcai.trainer import build, step_config
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("sft", "rm", "dpo")
+OBJECTIVES = ("sft", "rm", "dpo")  # the objectives the reference workload has data for
 
 
 def measured_peak_flops(dtype: str, size: int, repeats: int = 5) -> float:
@@ -85,22 +86,26 @@ def _sequences(rng: np.random.Generator, n: int, length: int, prompt: int, vocab
 
 
 def random_batch(cfg: DictConfig, objective: str, reference: str | None, vocab: int) -> dict:
-    """This process's rows of one synthetic batch, laid out as the data pipeline's."""
+    """This process's rows of one synthetic batch, in the objective's batch layout
+    (`reference`: the DPO reference mode, `precompute` adding the reference log-probs)."""
     rng = np.random.default_rng(cfg.seed)
     n = cfg.batch_size
-    if objective == "sft":
-        rows = _sequences(rng, n, cfg.seq_len, cfg.prompt_len, vocab)
-    else:
-        rows = {
-            side: _sequences(rng, n, cfg.seq_len, cfg.prompt_len, vocab)
-            for side in ("chosen", "rejected")
-        }
-        rows["p_chosen"] = np.ones(n, np.float32)
-        if reference == "precompute":
-            rows["ref_chosen_logps"] = rng.normal(-900, 10, n).astype(np.float32)
-            rows["ref_rejected_logps"] = rng.normal(-900, 10, n).astype(np.float32)
-    rows["weight"] = np.ones(n, np.float32)
-    return rows
+
+    def fill(layout: dict) -> dict:
+        rows = {}
+        if set(ROW_KEYS) <= set(layout):  # a sequence's rows (one side of a pair, or all)
+            rows.update(_sequences(rng, n, cfg.seq_len, cfg.prompt_len, vocab))
+        for key, leaf in layout.items():
+            if isinstance(leaf, dict):
+                rows[key] = fill(leaf)
+            elif key.startswith("ref_"):  # precomputed reference log-probs
+                rows[key] = rng.normal(-900, 10, n).astype(np.float32)
+            elif key not in ROW_KEYS:  # p_chosen, weight
+                rows[key] = np.ones(n, np.float32)
+        return rows
+
+    settings = OmegaConf.create({"reference": reference})
+    return fill(objectives.batch_layout(objectives.get(objective), settings, n, cfg.seq_len))
 
 
 def save_for_transformers(cfg: DictConfig, config, params, objective: str) -> Path | None:
@@ -153,38 +158,33 @@ def main(cfg: DictConfig) -> dict:
 
         hf_train.require_torch()  # fail before the jaxcai half runs
     config = model_config(cfg.model)
-    oc = compose([f"objective={name}"]).objective  # the typed defaults, then ours
-    for key, value in cfg.objective.items():
-        oc[key] = value
-    reference = oc.reference if name == "dpo" else None
+    objective = objectives.get(name)
+    run_cfg = step_config(
+        cfg.model,
+        cfg.objective,
+        steps=cfg.warmup + cfg.steps + 1,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        mesh=cfg.mesh,
+    )
+    oc = run_cfg.objective  # the typed defaults, then ours
+    reference = objective.reference_mode(oc)
     mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
     rules = sharding.DEFAULT_RULES
-    head = "reward" if name == "rm" else "lm"
-    optimizer = make_optimizer(compose().optimizer, cfg.warmup + cfg.steps + 1)
     with sharding.use_mesh(mesh, rules):
-        params = model.init_sharded(config, jax.random.key(cfg.seed), mesh, rules, head=head)
+        params = model.init_sharded(
+            config, jax.random.key(cfg.seed), mesh, rules, head=objective.head
+        )
         hf_dir = save_for_transformers(cfg, config, params, name)
-        ref = None
-        if reference == "model":
-            ref = jax.tree_util.tree_map(jnp.copy, params)
-        init = lambda p: init_train_state(p, optimizer, cfg.seed)
         # The state keeps one layout across steps (as in jaxcai-train), so the step
         # compiles once: moments sharded like their params, the rest replicated.
-        state_sh = state_shardings(
-            jax.eval_shape(init, params),
-            model.param_shardings(config, mesh, rules, head=head),
-            mesh,
-        )
-        state = jax.jit(init, out_shardings=state_sh)(params)
+        trainer = build(run_cfg, mesh, rules, params=(config, params))
         del params
+        state, ref, step = trainer.state, trainer.ref_params, trainer.step
+        trainer.state = None  # donated to the first step
         rows = random_batch(cfg, name, reference, config.vocab_size)
         batch = from_local_rows(rows, cfg.batch_size, 1, mesh)
-        step = jax.jit(
-            make_train_step(config, oc, optimizer),
-            in_shardings=(state_sh, None, None),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
         start = time.perf_counter()
         state, metrics = step(state, batch, ref)
         jax.block_until_ready(metrics)

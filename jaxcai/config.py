@@ -24,7 +24,6 @@ from jaxcai.sharding import MeshConfig
 CONFIG_PACKAGE = "jaxcai.configs"
 CONFIG_PATH = f"pkg://{CONFIG_PACKAGE}"  # what the entry points give `hydra.main`
 CONFIG_DIR = str(resources.files(CONFIG_PACKAGE))  # the same directory on disk
-OBJECTIVES = ("lm", "sft", "rm", "dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("precompute", "model")
 NONFINITE = ("stop", "skip")
@@ -173,6 +172,9 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     rules: list[list[Any]] | None = None  # logical->mesh rules; None = DEFAULT_RULES
+    # Python modules imported at start-up; importing one registers its objectives
+    # (`jaxcai.objectives.register`), e.g. plugins=[my_lab.objectives].
+    plugins: list[str] = dataclasses.field(default_factory=list)
     aot: AotConfig = dataclasses.field(default_factory=AotConfig)
 
 
@@ -218,12 +220,12 @@ def model_config(cfg: DictConfig | dict) -> ModelConfig:
 CHAT_KINDS = ("auto", "template", "human_assistant")  # jaxcai.chat.KINDS
 
 
-def validate(cfg: DictConfig, n_devices: int) -> None:
-    """Check values and cross-field rules; raise `ConfigError` naming the key."""
+def _validate_objective(o: DictConfig, t: DictConfig) -> None:
+    from jaxcai import objectives
     from jaxcai.losses import DPO_LOSSES
 
-    o, t, opt, d = cfg.objective, cfg.trainer, cfg.optimizer, cfg.data
-    _check(o.name in OBJECTIVES, "objective.name", o.name, f"choose one of {OBJECTIVES}")
+    names = objectives.names()
+    _check(o.name in names, "objective.name", o.name, f"choose one of {names}")
     _check(
         o.loss_type in DPO_LOSSES,
         "objective.loss_type",
@@ -241,6 +243,15 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
         "must be in [0, 0.5)",
     )
     _check(
+        not t.generate_eval or objectives.get(o.name).data_kind == "sft",
+        "trainer.generate_eval",
+        t.generate_eval,
+        f"evaluation by generation needs objective sft, not {o.name}",
+    )
+
+
+def _validate_optimizer(opt: DictConfig) -> None:
+    _check(
         opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"choose one of {SCHEDULES}"
     )
     _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be positive")
@@ -248,17 +259,14 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
     _check(
         0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio", opt.min_lr_ratio, "must be in [0, 1]"
     )
+
+
+def _validate_trainer(t: DictConfig) -> None:
     _check(
         t.generate_max_new_tokens > 0,
         "trainer.generate_max_new_tokens",
         t.generate_max_new_tokens,
         "must be positive",
-    )
-    _check(
-        not t.generate_eval or o.name == "sft",
-        "trainer.generate_eval",
-        t.generate_eval,
-        f"evaluation by generation needs objective sft, not {o.name}",
     )
     _check(t.nonfinite in NONFINITE, "trainer.nonfinite", t.nonfinite, f"choose one of {NONFINITE}")
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -271,6 +279,9 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
         t.batch_size,
         f"must be divisible by trainer.grad_accum={t.grad_accum}",
     )
+
+
+def _validate_data(d: DictConfig) -> None:
     _check(d.max_len >= 2, "data.max_len", d.max_len, "must be at least 2")
     _check(d.format in ("jsonl", "hh"), "data.format", d.format, "choose jsonl or hh")
     _check(d.pad in PADDING, "data.pad", d.pad, f"choose one of {PADDING}")
@@ -290,6 +301,15 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
         f"lengths must be in (0, data.max_len={d.max_len}]",
     )
     _check(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+
+
+def validate(cfg: DictConfig, n_devices: int) -> None:
+    """Check values and cross-field rules; raise `ConfigError` naming the key."""
+    t, d = cfg.trainer, cfg.data
+    _validate_objective(cfg.objective, t)
+    _validate_optimizer(cfg.optimizer)
+    _validate_trainer(t)
+    _validate_data(d)
     try:
         mesh_shape = MeshConfig(**cfg.mesh).shape(n_devices)
     except ValueError as e:

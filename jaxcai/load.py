@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import chat, hf, lora, model
 from jaxcai import tokenizer as tokenizers
@@ -108,6 +108,23 @@ def model_config_of(path: str | os.PathLike, **numerics: Any) -> ModelConfig:
     return lora.merge(config.replace(**numerics), {})[0]  # load_model merges adapters
 
 
+def _run_head(cfg: DictConfig, run_dir: Path) -> str:
+    """The head a run trained: its objective's (importing the run's `plugins` for an
+    objective registered by one)."""
+    from jaxcai import objectives
+
+    name = cfg.objective.name
+    if name not in objectives.names():
+        try:
+            objectives.import_plugins(cfg.get("plugins") or ())
+        except objectives.ObjectiveError as e:
+            raise hf.CheckpointError(f"{run_dir / 'config.yaml'}: {e}") from e
+    try:
+        return objectives.get(name).head
+    except objectives.ObjectiveError as e:
+        raise hf.CheckpointError(f"{run_dir / 'config.yaml'}: {e}") from e
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -130,7 +147,7 @@ def load_model(
     config = model_config(cfg.model)
     if numerics:
         config = config.replace(**numerics)
-    head = "reward" if cfg.objective.name == "rm" else "lm"
+    head = _run_head(cfg, run_dir)
     shapes = model.param_shapes(config, head=head)
     if mesh is not None:
         shardings = model.param_shardings(config, mesh, rules, head=head)

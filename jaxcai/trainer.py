@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from omegaconf import DictConfig, OmegaConf
 
 from jaxcai import lora, model, objectives, sharding
-from jaxcai.config import ConfigError, model_config
+from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data.batches import batch_sharding
 from jaxcai.load import load_model, model_config_of
 from jaxcai.model_config import ModelConfig
@@ -44,6 +44,7 @@ __all__ = [
     "build",
     "initial_params",
     "run_model_config",
+    "step_config",
 ]
 
 NUMERIC_FIELDS = (
@@ -220,3 +221,28 @@ def build(
         objective, cfg.objective, mc, optimizer, schedule, state, state_sh, param_sh, ref,
         step, eval_step, mesh, rules,
     )  # fmt: skip
+
+
+def step_config(
+    model: DictConfig,
+    objective: DictConfig | None = None,
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    mesh: DictConfig | None = None,
+) -> DictConfig:
+    """A `jaxcai-train` config for `build` without a dataset (benchmarks, tests): the
+    typed defaults, then `model`, the `objective` settings and the step's sizes."""
+
+    name = objective.name if objective is not None else "sft"
+    cfg = compose([f"objective={name}"])
+    cfg.model = model
+    for key, value in (objective or {}).items():
+        cfg.objective[key] = value
+    cfg.trainer.steps, cfg.trainer.seed, cfg.trainer.batch_size = steps, seed, batch_size
+    cfg.data.max_len = seq_len
+    for key, value in (mesh or {}).items():
+        cfg.mesh[key] = value
+    return cfg

@@ -33,9 +33,7 @@ from jaxcai.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KIND_OF_OBJECTIVE", "TrainData", "open_dataset", "training_data"]
-
-KIND_OF_OBJECTIVE = {"lm": "text", "sft": "sft", "rm": "preference", "dpo": "preference"}
+__all__ = ["TrainData", "open_dataset", "training_data"]
 
 
 def open_dataset(
@@ -115,9 +113,14 @@ def _length_check(
     return IndexedSource(source.source, base[np.asarray(keep)], source.origin)
 
 
-def training_data(cfg: Any, objective: str, tok: Tokenizer | ChatFormat, seed: int) -> TrainData:
-    """Open and split the datasets a `data` config names, for an objective."""
-    kind = KIND_OF_OBJECTIVE[objective]
+def training_data(cfg: Any, objective: Any, tok: Tokenizer | ChatFormat, seed: int) -> TrainData:
+    """Open and split the datasets a `data` config names, for an objective (its name or
+    its `jaxcai.objectives.Objective` record, whose `data_kind` says what to open)."""
+    if isinstance(objective, str):
+        from jaxcai import objectives  # the objective layer sits above the data layer
+
+        objective = objectives.get(objective)
+    kind = objective.data_kind
     layout = Layout(
         kind=kind,
         max_len=cfg.max_len,
