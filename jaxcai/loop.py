@@ -105,6 +105,7 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
         iterator, batch_size=t.batch_size, grad_accum=t.grad_accum, mesh=trainer.mesh,
         rules=trainer.rules, shard_count=shard_count, pad_id=tok.pad_id,
         fixed_width=data.layout.fixed_width, pairs=trainer.objective.pairs,
+        check=lambda rows: _check_rows(trainer, cfg, rows),
     )  # fmt: skip
     ckpt = Checkpointer(
         run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints
@@ -114,6 +115,16 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
     trainer.state = None  # donated to the first step; the context holds the live state
     return RunContext(cfg, run_dir, trainer, data, data.eval_rows(ref["eval"]), feed, ckpt,
                       writer, state, tokenizer=tok)  # fmt: skip
+
+
+def _check_rows(trainer, cfg: DictConfig, rows: dict[str, Any]) -> None:
+    """The data pipeline's rows must be the objective's batch layout."""
+    try:
+        objectives.check_batch(
+            trainer.objective, cfg.objective, rows, f"data.train={cfg.data.train}"
+        )
+    except objectives.ObjectiveError as e:
+        raise TrainingError(str(e)) from e
 
 
 def _resume(ctx: RunContext) -> None:

@@ -26,17 +26,15 @@ from omegaconf import OmegaConf
 from jaxcai.data import builders
 from jaxcai.data.batches import EMPTY, data_shard, eval_index_batches
 from jaxcai.data.pipeline import (
-    ArrayRows,
     IndexedSource,
     Layout,
-    MapRows,
     encode_example,
-    eval_rows,
     pad_rows,
     repad,
     train_iterator,
 )
 from jaxcai.data.records import DataError
+from jaxcai.data.rows import ArrayRows, MapRows, eval_rows
 from jaxcai.data.training import training_data
 from jaxcai.losses import sequence_logps, token_logps
 from jaxcai.model import forward, init_params

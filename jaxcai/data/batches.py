@@ -128,7 +128,8 @@ def _agree_length(local: dict[str, Any], pad_id: int, pairs: bool) -> dict[str, 
 class Feed:
     """Training batches: this process's rows from its checkpointable `iterator`, placed
     on the mesh as global `[A, B/A, ...]` batches. `next()` gives the batch and the
-    number of real tokens in it (all processes together)."""
+    number of real tokens in it (all processes together); `check(rows)`, if given, sees
+    the first rows before anything is placed."""
 
     def __init__(
         self,
@@ -142,8 +143,10 @@ class Feed:
         pad_id: int = 0,
         fixed_width: bool = True,
         pairs: bool = False,
+        check: Any = None,
     ):
         self.iterator = iterator
+        self.check = check  # called on the first rows (the objective's layout check)
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.mesh, self.rules = mesh, rules
         self.shard_count, self.pad_id = shard_count, pad_id
@@ -151,6 +154,9 @@ class Feed:
 
     def next(self) -> tuple[dict[str, Any], int]:
         local = next(self.iterator)
+        if self.check is not None:
+            self.check(local)
+            self.check = None
         if not self.fixed_width:  # bucketed rows: hosts agree on one length
             local = _agree_length(local, self.pad_id, self.pairs)
         tokens = _local_tokens(local, self.pairs) * self.shard_count

@@ -19,16 +19,9 @@ import numpy as np
 
 from jaxcai.chat import ChatFormat
 from jaxcai.data import builders
-from jaxcai.data.pipeline import (
-    ArrayRows,
-    IndexedSource,
-    Layout,
-    MapRows,
-    encode_example,
-    eval_rows,
-    train_iterator,
-)
+from jaxcai.data.pipeline import IndexedSource, Layout, encode_example, train_iterator
 from jaxcai.data.records import DataError, describe_counts
+from jaxcai.data.rows import ArrayRows, MapRows, eval_rows
 from jaxcai.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxcai.data.batches import EMPTY, data_shard, from_local_rows, global_batch
-from jaxcai.data.pipeline import ArrayRows
+from jaxcai.data.rows import ArrayRows
 from jaxcai.sharding import MeshConfig, make_mesh
 
 MESHES = {"d4f2": MeshConfig(data=4, fsdp=2), "data8": MeshConfig(data=8)}
