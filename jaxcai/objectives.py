@@ -56,7 +56,7 @@ __all__ = [
 Batch = dict[str, Any]
 Loss = Callable[[ModelConfig, Any, Params, Batch, Params | None], tuple[jax.Array, dict]]
 ROW_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")  # one [rows, T] each
-COUNT_METRICS = ("tokens", "pairs")  # summed over micro-batches, not averaged
+COUNT_METRICS = ("tokens", "pairs")  # counts: summed over micro-batches, not averaged
 DATA_KINDS = ("text", "sft", "preference")
 
 
@@ -73,7 +73,7 @@ class Objective:
     loss: Loss
     head: str = "lm"  # lm | reward: the params the model is initialised / loaded with
     pairs: bool = False  # batches hold `chosen` and `rejected` rows (and `p_chosen`)
-    weight: str = "tokens"  # the metric the loss is an average over (tokens | pairs)
+    weight: str = "tokens"  # the count metric the loss is an average over (tokens, pairs, ...)
     reference: bool = False  # needs a frozen reference policy (`objective.reference`)
     hooks: Callable[[Any], list] | None = None  # context -> extra hooks (jaxcai.hooks)
     doc: str = ""
@@ -83,10 +83,16 @@ class Objective:
             raise ObjectiveError(f"objective {self.name}: data_kind must be one of {DATA_KINDS}")
         if self.head not in ("lm", "reward"):
             raise ObjectiveError(f"objective {self.name}: head must be lm or reward")
-        if self.weight not in COUNT_METRICS:
-            raise ObjectiveError(f"objective {self.name}: weight must be one of {COUNT_METRICS}")
+        if not self.weight:
+            raise ObjectiveError(f"objective {self.name}: weight must name a count metric")
         if self.pairs != (self.data_kind == "preference"):
             raise ObjectiveError(f"objective {self.name}: pairs come from preference data")
+
+    @property
+    def counts(self) -> frozenset[str]:
+        """Metrics that are counts (summed over micro-batches and eval batches); every
+        other metric is a `weight`-weighted mean."""
+        return frozenset((*COUNT_METRICS, self.weight))
 
     def reference_mode(self, oc: Any) -> str | None:
         """`precompute` or `model` for an objective with a reference, else None."""

@@ -22,7 +22,7 @@ from jaxcai import lora, objectives
 from jaxcai.config import ObjectiveConfig, OptimizerConfig
 from jaxcai.model import Params
 from jaxcai.model_config import ModelConfig
-from jaxcai.objectives import COUNT_METRICS, Objective, reference_logps
+from jaxcai.objectives import Objective, reference_logps
 
 __all__ = [
     "TrainState",
@@ -129,6 +129,7 @@ def _accumulate(
 ):
     """Sum `loss * weight`, weighted metrics (and gradients of `params`) over the
     accumulation axis; `frozen` params (LoRA's base weights) join them without gradients."""
+    counts = objective.counts
 
     def weighted(p, micro):
         p = lora.combine(p, frozen) if frozen else p
@@ -145,7 +146,7 @@ def _accumulate(
         else:
             lw, (w, m) = weighted(params, micro)
             grads = carry[3]
-        m = {k: v if k in COUNT_METRICS else v * w for k, v in m.items()}
+        m = {k: v if k in counts else v * w for k, v in m.items()}
         return (
             carry[0] + lw,
             carry[1] + w,
@@ -164,7 +165,7 @@ def _accumulate(
     )
     (loss_sum, weight, metric_sums, grads), _ = jax.lax.scan(body, init, batch)
     denom = jnp.maximum(weight, 1e-12)  # a batch with no tokens gives zero loss and grads
-    metrics = {k: v if k in COUNT_METRICS else v / denom for k, v in metric_sums.items()}
+    metrics = {k: v if k in counts else v / denom for k, v in metric_sums.items()}
     metrics["loss"] = loss_sum / denom
     if with_grads:
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)

@@ -24,7 +24,7 @@ from jaxcai.config import ConfigError, compose, model_config
 from jaxcai.data.batches import batch_sharding
 from jaxcai.load import load_model, model_config_of
 from jaxcai.model_config import ModelConfig
-from jaxcai.objectives import COUNT_METRICS, Objective
+from jaxcai.objectives import Objective
 from jaxcai.train import (
     TrainState,
     init_train_state,
@@ -157,18 +157,19 @@ class Trainer:
         return self.step.lower(self.state, batch, self.ref_params).compile()
 
     def evaluate(self, params: Any, batches: Any) -> dict[str, float]:
-        """Token- (or pair-) weighted means of the eval step's metrics over `batches`;
-        counts (`tokens`, `pairs`) are summed."""
+        """`objective.weight`-weighted means of the eval step's metrics over `batches`;
+        counts (`tokens`, `pairs`, the weight) are summed."""
+        counts = self.objective.counts
         sums: dict[str, float] = {}
         total = 0.0
         for batch in batches:
             m = jax.device_get(self.eval_step(params, batch, self.ref_params))
-            weight = float(sum(m.get(k, 0.0) for k in COUNT_METRICS))
+            weight = float(m[self.objective.weight])
             total += weight
             for k, v in m.items():
-                value = float(v) if k in COUNT_METRICS else float(v) * weight
+                value = float(v) if k in counts else float(v) * weight
                 sums[k] = sums.get(k, 0.0) + value
-        return {k: v if k in COUNT_METRICS else v / max(total, 1e-12) for k, v in sums.items()}
+        return {k: v if k in counts else v / max(total, 1e-12) for k, v in sums.items()}
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
