@@ -1,1 +1,2 @@
-"""Evaluation harnesses: multiple-choice scoring, text metrics, evaluation by generation."""
+"""Evaluation harnesses: multiple-choice scoring (`choice`, with `calibration`), text
+metrics (`text`), evaluation by generation (`generation`)."""
