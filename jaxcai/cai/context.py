@@ -100,6 +100,24 @@ class RunContext:
             self.cfg, self.constitution, self.prompt_sources, self.outputs, chats, stage, **extra
         )
 
+    def write_dataset(
+        self, stage: str, kind: str, filename: str, rows: list[dict[str, Any]], **extra: Any
+    ) -> str:
+        """`rows` as the stage's JSONL file and as a prepared `kind` dataset beside it
+        (`<stage>/dataset`), its provenance recorded; returns the dataset's path."""
+        from jaxcai.data import builders
+
+        stage_dir = self.stage_dir(stage)
+        io.write_jsonl(stage_dir / filename, rows)
+        dataset = builders.prepare(
+            kind,
+            str(stage_dir / filename),
+            stage_dir / "dataset",
+            provenance=self.provenance(stage, **extra),
+            overwrite=True,
+        )
+        return str(dataset.path)
+
     def chunks(
         self, stage: str, name: str, n: int, work: Callable[[int, int], list[dict[str, Any]]]
     ) -> list[dict[str, Any]]:

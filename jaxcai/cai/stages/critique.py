@@ -13,7 +13,6 @@ from jaxcai.cai.context import RunContext
 from jaxcai.cai.critique import Revised, critique_and_revise, sft_pairs
 from jaxcai.cai.provenance import plain
 from jaxcai.cai.stages.base import PipelineError, Stage, register
-from jaxcai.data import builders
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +121,12 @@ class CritiqueStage(Stage):
         return self._write(context, inputs, trajectories, mix, stats), stats
 
     def _write(self, context: RunContext, inputs: dict[str, str], trajectories, mix, stats):
-        """The trajectories and the SFT mix as files, and the mix as a dataset."""
-        stage_dir = context.stage_dir(self.name)
-        io.write_jsonl(stage_dir / "trajectories.jsonl", trajectories)
-        io.write_jsonl(stage_dir / "sft.jsonl", mix)
-        provenance = context.provenance(
-            self.name, policy=inputs["initial"], settings=plain(context.cfg.cai), stats=stats
-        )
-        dataset = builders.prepare(
-            "sft",
-            str(stage_dir / "sft.jsonl"),
-            stage_dir / "dataset",
-            provenance=provenance,
-            overwrite=True,
-        )
-        return str(dataset.path)
+        """The trajectories as a file, and the SFT mix as a file and a dataset."""
+        io.write_jsonl(context.stage_dir(self.name) / "trajectories.jsonl", trajectories)
+        return context.write_dataset(
+            self.name, "sft", "sft.jsonl", mix,
+            policy=inputs["initial"], settings=plain(context.cfg.cai), stats=stats,
+        )  # fmt: skip
 
 
 CRITIQUE = register(CritiqueStage("critique", needs=("initial",), produces="dataset", samples=True))

@@ -10,12 +10,10 @@ from typing import Any
 import numpy as np
 
 from jaxcai import streams
-from jaxcai.cai import io
 from jaxcai.cai.context import RunContext
 from jaxcai.cai.feedback import Judgement, judge_pairs, preference_records, sample_pairs
 from jaxcai.cai.provenance import plain
 from jaxcai.cai.stages.base import PipelineError, Stage, register
-from jaxcai.data import builders
 
 
 def _stats(cfg, prompts: list[str], records, judgements, skipped: Counter) -> dict[str, Any]:
@@ -93,26 +91,11 @@ class FeedbackStage(Stage):
                 f"stage feedback: no usable pairs out of {len(prompts)} ({dict(skipped)})"
             )
         stats = _stats(cfg, prompts, records, judgements, skipped)
-        stage_dir = context.stage_dir(self.name)
-        io.write_jsonl(stage_dir / "preferences.jsonl", records)
-        dataset = _prepare(context, self.name, policy, stats)
+        dataset = context.write_dataset(
+            self.name, "preference", "preferences.jsonl", records,
+            policy=policy, settings=plain(context.cfg.feedback), stats=stats,
+        )  # fmt: skip
         return dataset, stats
-
-
-def _prepare(context: RunContext, stage: str, policy: str, stats: dict) -> str:
-    """The preference records as a dataset, with their provenance."""
-    stage_dir = context.stage_dir(stage)
-    provenance = context.provenance(
-        stage, policy=policy, settings=plain(context.cfg.feedback), stats=stats
-    )
-    dataset = builders.prepare(
-        "preference",
-        str(stage_dir / "preferences.jsonl"),
-        stage_dir / "dataset",
-        provenance=provenance,
-        overwrite=True,
-    )
-    return str(dataset.path)
 
 
 FEEDBACK = register(FeedbackStage("feedback", needs=("sft",), produces="dataset", samples=True))
