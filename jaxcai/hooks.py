@@ -241,7 +241,7 @@ class CheckpointHook(Hook):
 class PreemptionHook(Hook):
     """Remembers a SIGTERM; after the step it arrived in, saves a checkpoint and exits."""
 
-    def __init__(self, ctx: RunContext | None = None):
+    def __init__(self):
         self.requested = False
         self.previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -287,7 +287,7 @@ def default_hooks(ctx: RunContext, bar: Any = None) -> list[Hook]:
     hooks: list[Hook] = [MetricsHook(ctx, bar), EvalHook(ctx)]
     if t.generate_eval:
         hooks.append(GenerationHook())
-    hooks += [CheckpointHook(ctx), PreemptionHook(ctx)]
+    hooks += [CheckpointHook(ctx), PreemptionHook()]
     if t.export_hf:
         hooks.append(ExportHook())
     if ctx.trainer.objective.hooks is not None:

@@ -109,8 +109,12 @@ def test_every_stage_writes_its_output(smoke_run):
 
 
 GOLDEN = Path(__file__).parent / "data" / "golden_cai"
-PINNED = ("critique/trajectories.jsonl", "critique/sft.jsonl", "feedback/preferences.jsonl",
-          "eval/responses.jsonl")
+PINNED = (
+    "critique/trajectories.jsonl",
+    "critique/sft.jsonl",
+    "feedback/preferences.jsonl",
+    "eval/responses.jsonl",
+)
 
 
 def _same(a, b, where: str) -> None:

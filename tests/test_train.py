@@ -338,9 +338,7 @@ def _poisoned_run(tmp_path: Path, monkeypatch, mode: str, steps: int):
         hit = jnp.isin(batch["tokens"], jnp.asarray(marker)).any()
         return loss * jnp.where(hit, jnp.nan, 1.0), metrics
 
-    monkeypatch.setitem(
-        objectives._REGISTRY, "sft", dataclasses.replace(original, loss=poisoned)
-    )
+    monkeypatch.setitem(objectives._REGISTRY, "sft", dataclasses.replace(original, loss=poisoned))
     cfg = compose(
         [
             "experiment=smoke_sft",

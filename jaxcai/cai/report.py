@@ -123,7 +123,8 @@ def write_report(run_dir: str | Path, records: dict[str, dict[str, Any]]) -> Pat
             plot = _plot_rewards(run_dir)
         else:
             lines += [_table(stats), ""]
-            plot = _plot_training(run_dir, stage) if stage in ("sft", "rm", "dpo") else None
+            trained = (run_dir / stage / "metrics.jsonl").is_file()  # a training stage's run
+            plot = _plot_training(run_dir, stage) if trained else None
         if plot:
             lines += [f"![{stage}]({plot})", ""]
     path = run_dir / "report.md"

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
+from jaxcai import objectives
 from jaxcai.cai import io
 from jaxcai.cai.context import RunContext
 from jaxcai.cai.provenance import dataset_provenance, model_card, plain
@@ -17,6 +18,8 @@ from jaxcai.config import ConfigError, compose
 
 __all__ = ["TrainStage", "train_config"]
 
+# the `data` config group a training stage composes, by its objective's data kind
+DATA_GROUP = {"text": "pretrain", "sft": "sft", "preference": "preferences"}
 # objective -> (the stage whose dataset it trains on, the stage whose model it starts from)
 WIRING = {"sft": ("critique", "initial"), "rm": ("feedback", "sft"), "dpo": ("feedback", "sft")}
 
@@ -25,8 +28,9 @@ def train_config(context: RunContext, stage: str, data: str, init_from: str) -> 
     """The `jaxcai-train` config of a training stage: the objective's defaults, then
     `train` (shared), then the stage's own section, then the pipeline's wiring."""
     objective = get_objective(stage)
+    record = objectives.get(objective)
     cfg_in = context.cfg
-    data_group = "sft" if objective == "sft" else "preferences"
+    data_group = DATA_GROUP[record.data_kind]
     cfg = compose([f"objective={objective}", f"data={data_group}"], "train")
     cfg = OmegaConf.merge(cfg, {"mesh": cfg_in.mesh, "model": cfg_in.model})
     for key in ("train", stage):
@@ -40,7 +44,7 @@ def train_config(context: RunContext, stage: str, data: str, init_from: str) -> 
     cfg.data.chat_kwargs = getattr(context.chat, "template_kwargs", {})
     cfg.trainer.init_from = init_from
     cfg.trainer.progress = context.progress
-    if objective in ("rm", "dpo"):
+    if record.pairs:  # trained on the AI-feedback labels
         cfg.objective.soft_labels = cfg_in.feedback.labels == "soft"
     return cfg
 
