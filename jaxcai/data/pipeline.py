@@ -186,9 +186,9 @@ def encode_example(
     return out
 
 
-def sequence_length(example: dict[str, Any], pairs: bool) -> int:
+def sequence_length(example: dict[str, Any]) -> int:
     """Tokens of an encoded example's longest row (of either side, for a pair)."""
-    if not pairs:
+    if "tokens" in example:
         return len(example["tokens"])
     return max(len(example["chosen"]["tokens"]), len(example["rejected"]["tokens"]))
 
@@ -220,10 +220,9 @@ def pad_rows(
 ) -> dict[str, Any]:
     """Stack encoded (unpacked) examples into rows of `length` (default: the batch's
     bucket); pairs pad chosen and rejected to the same length."""
-    pairs = layout.kind == "preference"
     if length is None:
-        length = layout.row_length(max(sequence_length(e, pairs) for e in examples))
-    if not pairs:
+        length = layout.row_length(max(sequence_length(e) for e in examples))
+    if "tokens" in examples[0]:  # single sequences (a pair's sides are nested)
         rows = _pad_sequences(examples, length, pad_id)
     else:
         rows = {
