@@ -115,7 +115,8 @@ def test_train_step_benchmark_counts_tokens_and_flops(
     assert json.loads((tmp_path / "result.json").read_text()) == result
 
 
-@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the torch loss itself is checked in the default run (test_torch_loss_...)
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_train_step_benchmark_compares_with_transformers(tmp_path, objective):
     """`compare_hf=true` times the same step in torch: positive torch tokens/s, `ratio`
     is jaxcai's tokens/s over torch's, and both sides start from the same loss."""
