@@ -25,11 +25,8 @@ __all__ = ["KEYS", "precompute_reference"]
 KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _compute(trainer, params, rows, batch_size: int, desc: str, progress: bool) -> dict:
-    fn = jax.jit(
-        lambda p, b: reference_logps(trainer.model, p, b),
-        out_shardings=NamedSharding(trainer.mesh, PartitionSpec()),
-    )
+def _compute(trainer, fn, params, rows, batch_size: int, desc: str, progress: bool) -> dict:
+    """`fn` (the jitted reference log-probs) over every row of a split, in order."""
     parts = []
     for idx in tqdm(
         list(eval_index_batches(len(rows), batch_size)),
@@ -50,6 +47,10 @@ def precompute_reference(
     cache = Path(run_dir) / "reference_logps.npz"
     stored = dict(np.load(cache)) if cache.exists() else {}
     params = trainer.state.params
+    fn = jax.jit(  # one compile serves both splits
+        lambda p, b: reference_logps(trainer.model, p, b),
+        out_shardings=NamedSharding(trainer.mesh, PartitionSpec()),
+    )
     out: dict[str, dict[str, np.ndarray]] = {}
     for split in ("train", "eval"):
         rows = data.rows(split)
@@ -59,7 +60,7 @@ def precompute_reference(
         )
         if not fresh:
             desc = f"reference log-probs ({split})"
-            logps = _compute(trainer, params, rows, batch_size, desc, progress)
+            logps = _compute(trainer, fn, params, rows, batch_size, desc, progress)
             stored.update({f"{split}/{k}": v for k, v in logps.items()})
             stored[f"{split}/fingerprint"] = np.asarray(fingerprint)
         out[split] = {k: stored[f"{split}/{k}"].astype(np.float32) for k in KEYS}

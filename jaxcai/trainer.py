@@ -192,21 +192,21 @@ def build(
     t, head = cfg.trainer, objective.head
     if abstract:
         mc = run_model_config(cfg)
-        values = _abstract(
-            model.param_shapes(mc, head=head), model.param_shardings(mc, mesh, rules, head=head)
-        )
+        param_sh = model.param_shardings(mc, mesh, rules, head=head)
+        values = _abstract(model.param_shapes(mc, head=head), param_sh)
     else:
         mc, values = params if params is not None else initial_params(cfg, mesh, rules, head)
+        param_sh = model.param_shardings(mc, mesh, rules, head=head)
     optimizer = make_optimizer(cfg.optimizer, t.steps)
     schedule = make_schedule(cfg.optimizer, t.steps)
-    param_sh = model.param_shardings(mc, mesh, rules, head=head)
     init = lambda p: init_train_state(p, optimizer, t.seed)
-    state_sh = state_shardings(jax.eval_shape(init, values), param_sh, mesh)
+    state_shapes = jax.eval_shape(init, values)
+    state_sh = state_shardings(state_shapes, param_sh, mesh)
     ref = None
     if objective.reference_mode(cfg.objective) == "model":
         ref = values if abstract else jax.tree_util.tree_map(jnp.copy, values)
     if abstract:
-        state = _abstract(jax.eval_shape(init, values), state_sh)
+        state = _abstract(state_shapes, state_sh)
     else:
         state = jax.jit(init, out_shardings=state_sh, donate_argnums=0)(values)
     replicated = NamedSharding(mesh, PartitionSpec())

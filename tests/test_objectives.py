@@ -86,10 +86,10 @@ def test_pipeline_rows_and_aot_batches_follow_the_layout(name, data, overrides):
     mesh = sharding.make_mesh()
     aot = abstract_batch(cfg, mesh)
     shapes = jax.tree_util.tree_map(lambda s: s.shape, aot)
-    grad_accum, per_micro = cfg.trainer.grad_accum, cfg.trainer.batch_size
+    grad_accum, batch_size = cfg.trainer.grad_accum, cfg.trainer.batch_size
     assert shapes == jax.tree_util.tree_map(
         lambda s: (grad_accum, *s.shape),
-        batch_layout(objective, cfg.objective, per_micro // grad_accum, 32),
+        batch_layout(objective, cfg.objective, batch_size // grad_accum, 32),
     )
 
 
