@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcai.distributed import spans_processes, to_global
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding, use_mesh
 
 __all__ = ["MIN_PROMPT_BUCKET", "SAMPLING_RULES", "keep_end", "left_pad"]
@@ -67,10 +68,21 @@ def batch_shards(mesh, rules: Rules) -> int:
 
 
 def place(x: np.ndarray, logical: tuple[str | None, ...], mesh, rules: Rules):
-    """A host array on device, sharded by its logical axes when there is a mesh."""
+    """A host array on device, sharded by its logical axes when there is a mesh (which
+    may span processes: every process then passes the same `x`)."""
     if mesh is None:
         return jnp.asarray(x)
-    return jax.device_put(x, named_sharding(logical, mesh, rules, x.shape))
+    return to_global(x, named_sharding(logical, mesh, rules, x.shape))
+
+
+def scalar(x, dtype, mesh):
+    """A traced setting (a scalar or a small vector): replicated over `mesh` when it
+    spans processes (a jitted program there takes only global arrays), else as it is."""
+    if not spans_processes(mesh):
+        return jnp.asarray(x, dtype)
+    return to_global(
+        np.asarray(x, dtype), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
 
 
 def batches(order: list[int], batch_size: int) -> Iterator[list[int]]:

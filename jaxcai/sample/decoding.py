@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxcai.distributed import to_global, to_host
 from jaxcai.model import ModelConfig, Params, unrolled
 from jaxcai.sample.batching import (
     MIN_PROMPT_BUCKET,
@@ -31,6 +32,7 @@ from jaxcai.sample.batching import (
     mesh_context,
     padded_batch,
     place,
+    scalar,
 )
 from jaxcai.sample.device import (
     LENGTH,
@@ -148,10 +150,11 @@ def _sequence_keys(
 def _apply_stop_strings(
     state: DecodeState, n_live: int, cuts: dict[int, tuple[int, str]], stops: _Stops
 ) -> tuple[DecodeState, np.ndarray]:
-    """Mark rows whose text now holds a stop string (their cut kept in `cuts`)."""
-    reason = np.array(state.reason_B)  # a writable copy
-    new = np.asarray(state.tokens_BN)
-    step = int(state.step)
+    """Mark rows whose text now holds a stop string (their cut kept in `cuts`). On a
+    mesh that spans processes every process reads the same rows, so all decide alike."""
+    reason = np.array(to_host(state.reason_B))  # a writable copy
+    new = to_host(state.tokens_BN)
+    step = int(to_host(state.step))
     for r in range(n_live):
         if r in cuts:
             continue
@@ -162,7 +165,11 @@ def _apply_stop_strings(
         if found is not None:
             cuts[r] = found
             reason[r] = STOP_STRING
-    return state.replace(reason_B=jnp.asarray(reason, jnp.int32)), reason
+    if not state.reason_B.is_fully_addressable:
+        reason_B = to_global(reason.astype(np.int32), state.reason_B.sharding)
+    else:
+        reason_B = jnp.asarray(reason, jnp.int32)
+    return state.replace(reason_B=reason_B), reason
 
 
 def _decode_batch(
@@ -173,19 +180,20 @@ def _decode_batch(
     rules_arr: DecodeRules,
     max_new_tokens: int,
     stops: _Stops,
+    mesh,
 ) -> tuple[DecodeState, dict[int, tuple[int, str]]]:
     """Decode a prefilled batch to its end; returns the state and the stop-string cuts."""
     cuts: dict[int, tuple[int, str]] = {}
     while True:
-        step = int(state.step)
+        step = int(to_host(state.step))
         until = (
             max_new_tokens if not stops.strings else min(max_new_tokens, step + stops.check_every)
         )
-        state = decode_steps(config, params, state, jnp.int32(until), rules_arr)
+        state = decode_steps(config, params, state, scalar(until, jnp.int32, mesh), rules_arr)
         if not stops.strings:
             break
         state, reason = _apply_stop_strings(state, n_live, cuts, stops)
-        step = int(state.step)
+        step = int(to_host(state.step))
         if step >= max_new_tokens or np.all(reason[:n_live] != RUNNING):
             break
     return state, cuts
@@ -224,15 +232,13 @@ def _run_batch(
             rules_arr,
             max_new_tokens,
         )
-        return _decode_batch(config, params, state, n_live, rules_arr, max_new_tokens, stops)
+        return _decode_batch(config, params, state, n_live, rules_arr, max_new_tokens, stops, mesh)
 
 
 def _collect(state: DecodeState, cuts, batch: list[int], stops: _Stops, out: dict) -> None:
     """Each live row's kept tokens, log-probs, stop reason and text, into `out`."""
-    new = np.asarray(state.tokens_BN)
-    logps = np.asarray(state.logps_BN)
-    reason = np.asarray(state.reason_B)
-    step = int(state.step)
+    new, logps, reason = to_host(state.tokens_BN), to_host(state.logps_BN), to_host(state.reason_B)
+    step = int(to_host(state.step))
     for r, n in enumerate(batch):
         ids = new[r, :step].tolist()
         lp = logps[r, :step].tolist()
@@ -299,10 +305,10 @@ def generate(
     items = _sequence_keys(len(prompts), seed, seeds, num_samples)
     order = sorted(range(len(items)), key=lambda n: -len(prompts[items[n][0]]))
     rules_arr = DecodeRules(
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(top_k),
-        top_p=jnp.float32(top_p),
-        stop_ids=jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+        temperature=scalar(temperature, jnp.float32, mesh),
+        top_k=scalar(top_k, jnp.int32, mesh),
+        top_p=scalar(top_p, jnp.float32, mesh),
+        stop_ids=scalar(list(stop_ids) or [-1], jnp.int32, mesh),
     )
     shards = batch_shards(mesh, rules)
     out: dict[str, Any] = {

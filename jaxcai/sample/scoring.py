@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxcai.distributed import to_host
 from jaxcai.losses import sequence_logps
 from jaxcai.model import ModelConfig, Params, forward
 from jaxcai.sample.batching import (
@@ -87,7 +88,7 @@ def score(
         arrays = _batch_arrays(config, prompts, continuations, batch, B, pad_id)
         with mesh_context(mesh, rules):
             placed = {k: place(v, ("batch", "length"), mesh, rules) for k, v in arrays.items()}
-            logps = np.asarray(
+            logps = to_host(
                 _score(
                     config,
                     params,
