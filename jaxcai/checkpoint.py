@@ -52,15 +52,34 @@ class Checkpointer:
         meta: dict[str, Any],
         *,
         data: Any = None,
+        extra: dict[str, Any] | None = None,
         force: bool = False,
     ) -> bool:
         """Start saving (returns at once when async); `wait` blocks until it is on disk.
 
-        `data` is a grain iterator whose position is saved with the state."""
+        `data` is a grain iterator whose position is saved with the state; `extra` names
+        more pytrees of arrays saved beside it (`restore_item` reads one back)."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
+        for name, tree in (extra or {}).items():
+            if name in items:
+                raise ValueError(f"checkpoint item {name!r} is reserved")
+            items[name] = ocp.args.StandardSave(tree)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore_item(self, step: int, name: str, target: Any) -> Any:
+        """The extra item `name` of checkpoint `step`, into `target`'s shapes and
+        shardings (`NoCheckpointError` when the checkpoint has no such item)."""
+        if not (self.directory / str(step) / name).is_dir():
+            raise NoCheckpointError(f"checkpoint {step} in {self.directory} has no {name!r}")
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+        )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
+        )
+        return restored[name]
 
     def restore_data(self, step: int, iterator: Any) -> None:
         """Set `iterator` to the position saved with checkpoint `step` (raises

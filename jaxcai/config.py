@@ -28,6 +28,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("precompute", "model")
 NONFINITE = ("stop", "skip")
 PADDING = ("fixed", "bucket")
+KL_ESTIMATORS = ("k1", "k3")
+REWARD_NORMALIZE = ("none", "batch")
 
 
 class ConfigError(ValueError):
@@ -65,7 +67,9 @@ MeshConfigSchema = _mutable_schema(MeshConfig)
 @dataclasses.dataclass
 class ObjectiveConfig:
     """What is optimised. `lm`: next-token loss on every token (raw text, packed);
-    `sft`: loss on the response only; `rm`: Bradley-Terry reward model; `dpo`."""
+    `sft`: loss on the response only; `rm`: Bradley-Terry reward model; `dpo`; and the
+    online RL objectives `ppo`, `rloo`, `grpo`, `online_dpo` (`jaxcai.rl`), which sample
+    their own data (`rollout`) and score it (`reward_model`, `reward`)."""
 
     name: str = "sft"
     beta: float = 0.1  # dpo
@@ -75,6 +79,19 @@ class ObjectiveConfig:
     reference: str = "precompute"  # dpo: precompute ref log-probs once, or run a frozen model
     margin: float = 0.0  # rm: Bradley-Terry margin
     center_coef: float = 0.0  # rm: reward centering coefficient
+    # online RL (ppo, rloo, grpo; online_dpo uses beta / loss_type / soft_labels above)
+    clip: float = 0.2  # ppo, grpo: the policy ratio is clipped to [1 - clip, 1 + clip]
+    kl_coef: float = 0.05  # weight of the KL to the reference policy
+    kl_estimator: str = "k1"  # ppo: k1 per token in the reward | k3 as a loss term
+    whiten_advantages: bool = True  # ppo: advantages to zero mean, unit variance per batch
+    gamma: float = 1.0  # ppo: discount
+    lam: float = 0.95  # ppo: GAE lambda
+    vf_coef: float = 0.1  # ppo: weight of the value loss
+    vf_clip: float = 0.2  # ppo: the value may move this far from the rollout's
+    value_lr: float | None = None  # ppo: the value model's learning rate (None: optimizer.lr)
+    # ppo: the value model's initial weights; None = the reward model (reward_model) when
+    # given, else the policy's backbone with a fresh scalar head
+    value_init: str | None = None
 
 
 @dataclasses.dataclass
@@ -102,6 +119,41 @@ class DataConfig:
     chat: str = "auto"  # auto | template | human_assistant (jaxcai.chat)
     chat_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # template keywords
     skip_invalid: bool = False  # count and report bad records instead of failing
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """Online RL: how each rollout batch is sampled from the current policy. A rollout
+    gives `prompts * samples` sequences; each is used `epochs` times in updates of
+    `trainer.batch_size` sequences (pairs for online_dpo)."""
+
+    prompts: int = 8  # prompts per rollout
+    samples: int = 2  # responses per prompt (rloo/grpo: the group; online_dpo: 2)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 1  # update passes over each rollout batch
+    batch_size: int = 32  # sequences sampled at a time
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Online RL: what scores a response, beside (or instead of) `reward_model`.
+
+    `fn` is `module:function`, called with (prompts, responses) and returning one float
+    per response; `judge` is a language model (HF directory or run) asked the
+    constitution's preference questions about two responses, as in AI feedback."""
+
+    fn: str | None = None
+    judge: str | None = None
+    constitution: str = "default"  # judge: a constitution file or bundled name
+    few_shot: bool = True  # judge: the constitution's feedback examples first
+    debias: bool = True  # judge: ask both orders and average
+    length_penalty: float = 0.0  # subtracted per response token
+    normalize: str = "none"  # none | batch: rewards to zero mean, unit variance per rollout
+    clip: float = 0.0  # rewards clipped to [-clip, clip] after normalising; 0 = off
+    batch_size: int = 32  # reward model / judge batch
 
 
 @dataclasses.dataclass
@@ -176,6 +228,10 @@ class TrainConfig:
     # (`jaxcai.objectives.register`), e.g. plugins=[my_lab.objectives].
     plugins: list[str] = dataclasses.field(default_factory=list)
     aot: AotConfig = dataclasses.field(default_factory=AotConfig)
+    # online RL: a reward model (an `rm` run or its checkpoint) that scores rollouts
+    reward_model: str | None = None
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
 
 
 def register() -> None:
@@ -310,6 +366,11 @@ def validate(cfg: DictConfig, n_devices: int) -> None:
     _validate_optimizer(cfg.optimizer)
     _validate_trainer(t)
     _validate_data(d)
+    from jaxcai import objectives
+
+    check_objective = objectives.get(cfg.objective.name).validate
+    if check_objective is not None:
+        check_objective(cfg)
     try:
         mesh_shape = MeshConfig(**cfg.mesh).shape(n_devices)
     except ValueError as e:

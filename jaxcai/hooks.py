@@ -13,7 +13,8 @@ in every case (also after an error). The built-in hooks, in the order they run:
     ExportHook        the final params as a Hugging Face directory (`trainer.export_hf`)
 
 An objective that needs work between steps (rollouts for online RL) adds its own hooks
-through `Objective.hooks`, and may replace `context.feed` with its own batch source.
+through `Objective.hooks`; one that makes its own batches (online RL) has an
+`Objective.feed`, which the loop builds in place of the data pipeline's `Feed`.
 Metrics are read one step late (the step after runs meanwhile); a hook that needs them
 current (evaluation, a checkpoint, which must never hold a non-finite step) calls
 `context.flush()` first.
@@ -68,7 +69,9 @@ class RunContext:
     trainer: Any  # jaxcai.trainer.Trainer
     data: TrainData
     eval_rows: Any
-    feed: Any  # .next() -> (global batch, tokens in it); .iterator is checkpointed
+    # .next() -> (global batch, tokens in it); .iterator is checkpointed, and so are
+    # .checkpoint_items() when the feed has them (restored by .restore(checkpointer, step))
+    feed: Any
     checkpointer: Checkpointer
     writer: MetricsWriter
     state: Any
@@ -90,7 +93,10 @@ class RunContext:
     def save(self, step: int, force: bool = False) -> None:
         meta = {"step": step, "data_seed": self.cfg.trainer.seed}
         meta["objective"] = self.cfg.objective.name
-        self.checkpointer.save(step, self.state, meta, data=self.feed.iterator, force=force)
+        extra = self.feed.checkpoint_items() if hasattr(self.feed, "checkpoint_items") else None
+        self.checkpointer.save(
+            step, self.state, meta, data=self.feed.iterator, extra=extra, force=force
+        )
         self.saved_step = step
 
 
@@ -284,7 +290,9 @@ class ExportHook(Hook):
 def default_hooks(ctx: RunContext, bar: Any = None) -> list[Hook]:
     """The hooks `trainer` settings ask for, then the objective's own."""
     t = ctx.cfg.trainer
-    hooks: list[Hook] = [MetricsHook(ctx, bar), EvalHook(ctx)]
+    hooks: list[Hook] = [MetricsHook(ctx, bar)]
+    if ctx.eval_rows is not None:  # objectives that sample their data have no eval split
+        hooks.append(EvalHook(ctx))
     if t.generate_eval:
         hooks.append(GenerationHook())
     hooks += [CheckpointHook(ctx), PreemptionHook()]

@@ -90,6 +90,8 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
             f"config data.tokenizer: {tok.source} has {tok.vocab_size} tokens, more "
             f"than the model's {trainer.model.vocab_size} embeddings"
         )
+    if trainer.objective.feed is not None:  # the objective makes its own batches
+        return _sampling_context(cfg, run_dir, trainer, fmt)
     data = training_data(cfg.data, cfg.objective.name, fmt, t.seed)
     ref = {"train": None, "eval": None}
     if trainer.objective.reference_mode(cfg.objective) == "precompute":
@@ -107,14 +109,36 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
         fixed_width=data.layout.fixed_width, pairs=trainer.objective.pairs,
         check=lambda rows: _check_rows(trainer, cfg, rows),
     )  # fmt: skip
+    ckpt, writer, state = _outputs(cfg, run_dir, trainer)
+    return RunContext(cfg, run_dir, trainer, data, data.eval_rows(ref["eval"]), feed, ckpt,
+                      writer, state, tokenizer=tok)  # fmt: skip
+
+
+def _outputs(cfg: DictConfig, run_dir: Path, trainer) -> tuple:
+    """The run's checkpointer, metrics writer, and the initial state (taken from the
+    trainer: it is donated to the first step, and the context holds the live state)."""
+    t = cfg.trainer
     ckpt = Checkpointer(
         run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints
     )
     writer = MetricsWriter(run_dir, tensorboard=t.tensorboard)
-    state = trainer.state
-    trainer.state = None  # donated to the first step; the context holds the live state
-    return RunContext(cfg, run_dir, trainer, data, data.eval_rows(ref["eval"]), feed, ckpt,
-                      writer, state, tokenizer=tok)  # fmt: skip
+    state, trainer.state = trainer.state, None
+    return ckpt, writer, state
+
+
+def _sampling_context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunContext:
+    """The context of an objective with its own feed (online RL): no data pipeline and
+    no eval split; the feed sees the context (the live params) it samples from."""
+    ckpt, writer, state = _outputs(cfg, run_dir, trainer)
+    ctx = RunContext(cfg, run_dir, trainer, None, None, None, ckpt, writer, state,
+                     tokenizer=fmt.tokenizer)  # fmt: skip
+    try:
+        ctx.feed = trainer.objective.feed(ctx, fmt)
+    except Exception:
+        ckpt.close()
+        writer.close()
+        raise
+    return ctx
 
 
 def _check_rows(trainer, cfg: DictConfig, rows: dict[str, Any]) -> None:
@@ -136,6 +160,8 @@ def _resume(ctx: RunContext) -> None:
     ctx.writer.truncate_after(ctx.step)
     try:
         ctx.checkpointer.restore_data(ctx.step, ctx.feed.iterator)
+        if hasattr(ctx.feed, "restore"):
+            ctx.feed.restore(ctx.checkpointer, ctx.step)
     except NoCheckpointError as e:
         raise TrainingError(
             f"{e}; the data position cannot be recovered exactly (resume with the "

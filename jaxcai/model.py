@@ -93,6 +93,7 @@ __all__ = [
     "param_shapes",
     "rope_inv_frequencies",
     "to_reward_params",
+    "value_forward",
 ]
 
 Array = jax.Array
@@ -146,6 +147,19 @@ def forward_hidden(
 def lm_head(config: ModelConfig, params: Params) -> Array:
     """The output projection [D, V] (the transposed embedding when tied)."""
     return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def value_forward(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: Array,
+    *,
+    segment_ids_BT: Array | None = None,
+    positions_BT: Array | None = None,
+) -> Array:
+    """The reward head's scalar at every position [B, T] (a value model: position `t`
+    values the state after reading tokens `0..t`)."""
+    return _run(config, params, "reward", tokens_BT, segment_ids_BT, positions_BT)[0]
 
 
 def reward_forward(

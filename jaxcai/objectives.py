@@ -57,7 +57,7 @@ Batch = dict[str, Any]
 Loss = Callable[[ModelConfig, Any, Params, Batch, Params | None], tuple[jax.Array, dict]]
 ROW_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")  # one [rows, T] each
 COUNT_METRICS = ("tokens", "pairs")  # counts: summed over micro-batches, not averaged
-DATA_KINDS = ("text", "sft", "preference")
+DATA_KINDS = ("text", "sft", "preference", "prompts")  # prompts: online RL samples its rows
 
 
 class ObjectiveError(ValueError):
@@ -76,6 +76,12 @@ class Objective:
     weight: str = "tokens"  # the count metric the loss is an average over (tokens, pairs, ...)
     reference: bool = False  # needs a frozen reference policy (`objective.reference`)
     hooks: Callable[[Any], list] | None = None  # context -> extra hooks (jaxcai.hooks)
+    # (cfg, trainer, data, chat format) -> the run's batch source, instead of the data
+    # pipeline's `Feed` (online RL: batches sampled from the policy); see jaxcai.loop
+    feed: Callable[..., Any] | None = None
+    # (oc, rows, length) -> extra keys of a batch (per-token or per-row arrays)
+    extra_layout: Callable[[Any, int, int], dict] | None = None
+    validate: Callable[[Any], None] | None = None  # whole-config checks (ConfigError)
     doc: str = ""
 
     def __post_init__(self):
@@ -85,8 +91,12 @@ class Objective:
             raise ObjectiveError(f"objective {self.name}: head must be lm or reward")
         if not self.weight:
             raise ObjectiveError(f"objective {self.name}: weight must name a count metric")
-        if self.pairs != (self.data_kind == "preference"):
+        if self.data_kind == "preference" and not self.pairs:
+            raise ObjectiveError(f"objective {self.name}: preference data gives pairs")
+        if self.pairs and self.data_kind not in ("preference", "prompts"):
             raise ObjectiveError(f"objective {self.name}: pairs come from preference data")
+        if (self.data_kind == "prompts") != (self.feed is not None):
+            raise ObjectiveError(f"objective {self.name}: a prompts objective makes its feed")
 
     @property
     def counts(self) -> frozenset[str]:
@@ -142,15 +152,16 @@ def batch_layout(objective: Objective, oc: Any, rows: int, length: int) -> Batch
     (pairs for pair objectives) of `length` tokens: the one statement of a batch's keys."""
     ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     per_row = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    extra = objective.extra_layout(oc, rows, length) if objective.extra_layout else {}
     if not objective.pairs:
-        return {**{k: ids for k in ROW_KEYS}, "weight": per_row}
+        return {**{k: ids for k in ROW_KEYS}, "weight": per_row, **extra}
     batch = {"chosen": {k: ids for k in ROW_KEYS}, "rejected": {k: ids for k in ROW_KEYS}}
     batch["p_chosen"] = per_row
     if objective.reference_mode(oc) == "precompute":
         batch["ref_chosen_logps"] = per_row
         batch["ref_rejected_logps"] = per_row
     batch["weight"] = per_row
-    return batch
+    return {**batch, **extra}
 
 
 def check_batch(objective: Objective, oc: Any, batch: Batch, where: str = "batch") -> None:
@@ -294,3 +305,6 @@ DPO = register(
         doc="direct preference optimisation against a frozen reference",
     )
 )
+
+
+from jaxcai.rl import objectives as _rl_objectives  # noqa: E402, F401  (ppo, rloo, grpo, online_dpo)

@@ -157,8 +157,12 @@ def grpo_loss(
     beta: float,
 ) -> tuple[Array, dict[str, Array]]:
     """The clipped surrogate with each sequence's advantage on every one of its tokens,
-    plus `beta` times the k3 KL to the reference, as a masked mean over tokens."""
-    adv_BT = jnp.broadcast_to(advantages_B[:, None], logp_BT.shape)
+    plus `beta` times the k3 KL to the reference, as a masked mean over tokens.
+    `advantages_B` may also be given per token, `[B, T]`."""
+    if advantages_B.ndim == 1:
+        adv_BT = jnp.broadcast_to(advantages_B[:, None], logp_BT.shape)
+    else:
+        adv_BT = advantages_B
     surrogate, metrics = ppo_policy_loss(logp_BT, old_logp_BT, adv_BT, mask_BT, clip)
     kl = masked_mean(kl_k3(logp_BT, ref_logp_BT), mask_BT)
     return surrogate + beta * kl, {**metrics, "objective/kl": kl}

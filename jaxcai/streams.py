@@ -78,6 +78,9 @@ STREAMS: dict[str, Stream] = {
     "feedback.reasoning": Stream((3,), ("pair", "slot", "order"), "each chain-of-thought sample"),
     "feedback.pairs": Stream((4,), ("prompt",), "the two responses of a pair"),
     "prompts.split": Stream((7,), (), "the held-out eval prompts of a set"),
+    "rl.prompts": Stream((8,), ("epoch",), "the order of the RL prompts in each pass"),
+    "rl.samples": Stream((9,), ("rollout", "prompt"), "the responses of a rollout's prompt"),
+    "rl.minibatches": Stream((10,), ("rollout", "epoch"), "a rollout's update minibatches"),
 }
 
 _CRITIQUE = ("critique.principles", "critique.samples")
@@ -94,6 +97,10 @@ SEEDS: dict[str, Seed] = {
         0, _FEEDBACK, "the eval stage's preference comparison", shares="feedback.label"
     ),
     "prompts": Seed(0, ("prompts.split",), "the train/eval split of each prompt set"),
+    "rl.rollouts": Seed(
+        0, ("rl.prompts", "rl.samples", "rl.minibatches"), "online RL's rollouts and updates"
+    ),
+    "rl.judge": Seed(3, _FEEDBACK, "online RL's AI-judge labels of rollout responses"),
 }
 
 # JAX keys straight from the run's seed (another generator family than numpy's).
