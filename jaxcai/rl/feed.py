@@ -125,8 +125,10 @@ class RolloutFeed:
         st.plan(n, self.batch_size, rc.epochs)
         st.rollout += 1
         scored_at = time.perf_counter()
-        self.metrics = {**rollout_metrics(scored, self.cfg.objective),
-                        **self._timing(started, sampled, scored_at, samples.new_tokens)}
+        self.metrics = {
+            **rollout_metrics(scored, self.cfg.objective),
+            **self._timing(started, sampled, scored_at, samples.new_tokens),
+        }
         self.metrics["rollout/skipped_pairs"] = skipped
         self.metrics["rollout/index"] = st.rollout
 

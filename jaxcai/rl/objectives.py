@@ -125,8 +125,9 @@ def validate_rl(cfg: Any) -> None:
         check(rc.samples == 2, "rollout.samples", rc.samples, "online_dpo samples a pair")
     check(r.judge is None or rc.samples >= 2, "rollout.samples", rc.samples,
           "a judge compares >= 2 samples of each prompt")  # fmt: skip
-    check(rc.max_new_tokens + 3 <= cfg.data.max_len, "rollout.max_new_tokens",
-          rc.max_new_tokens, f"leaves no room for a prompt in data.max_len={cfg.data.max_len}")  # fmt: skip
+    room = f"leaves no room for a prompt in data.max_len={cfg.data.max_len}"
+    check(rc.max_new_tokens + 3 <= cfg.data.max_len, "rollout.max_new_tokens", rc.max_new_tokens,
+          room)  # fmt: skip
     updates = rc.prompts * (1 if o.name == "online_dpo" else rc.samples)
     check(updates % t.batch_size == 0, "trainer.batch_size", t.batch_size,
           f"must divide the {updates} {'pairs' if o.name == 'online_dpo' else 'sequences'} "

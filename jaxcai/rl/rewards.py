@@ -111,18 +111,24 @@ class FunctionReward:
 class JudgeReward:
     """A language model as the judge: pairwise preferences under the constitution."""
 
-    def __init__(self, path: str, cfg: Any, *, mesh=None, seed: int = 0):
+    def __init__(self, judge: Any, constitution: Any, settings: Any, seed: int = 0):
+        """`judge` maps feedback questions to `[N, 2]` option probabilities
+        (`jaxcai.cai.feedback.Judge`); `seed` is the run's seed."""
+        self.judge, self.constitution, self.settings = judge, constitution, settings
+        self.seed = streams.seed("rl.judge", seed)
+
+    @classmethod
+    def load(cls, path: str, cfg: Any, *, mesh=None, seed: int = 0) -> JudgeReward:
+        """The language model at `path` as the judge, in its own chat format, with the
+        `reward` settings `cfg` (constitution, few_shot, debias, batch_size)."""
         from jaxcai.cai.constitution import load_constitution
         from jaxcai.cai.feedback import FeedbackSettings, ModelJudge
         from jaxcai.load import chat_format, load_model
 
         config, params = load_model(path, mesh=mesh)
-        self.judge = ModelJudge(
-            config, params, chat_format(path), batch_size=cfg.batch_size, mesh=mesh
-        )
-        self.constitution = load_constitution(cfg.constitution)
-        self.settings = FeedbackSettings(few_shot=cfg.few_shot, debias=cfg.debias)
-        self.seed = streams.seed("rl.judge", seed)
+        judge = ModelJudge(config, params, chat_format(path), batch_size=cfg.batch_size, mesh=mesh)
+        settings = FeedbackSettings(few_shot=cfg.few_shot, debias=cfg.debias)
+        return cls(judge, load_constitution(cfg.constitution), settings, seed)
 
     def prefer(
         self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], indices: Sequence[int]
@@ -189,7 +195,7 @@ def reward_source(cfg: Any, *, mesh=None, rules=None):
             batch_size=cfg.reward.batch_size,
         )  # fmt: skip
     if named[0] == "reward.judge":
-        return JudgeReward(cfg.reward.judge, cfg.reward, mesh=mesh, seed=cfg.trainer.seed)
+        return JudgeReward.load(cfg.reward.judge, cfg.reward, mesh=mesh, seed=cfg.trainer.seed)
     return FunctionReward(cfg.reward.fn)
 
 
