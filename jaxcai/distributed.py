@@ -6,8 +6,9 @@ span processes.
 cover every index and differ in size by at most one). `gather(items, n)` concatenates
 every process's items in process order, which is index order: each process's list is
 sent as length-prefixed UTF-8 JSON bytes, padded to the longest, in one
-`process_allgather`. With one process both are the identity (`gather` returns its input
-as it is, untouched by JSON).
+`process_allgather`. `broadcast(value)` is process 0's value on every process (so that
+decisions read from files, such as which stages and chunks are done, are taken alike).
+With one process all three are the identity (their input as it is, untouched by JSON).
 
 On a mesh that spans processes (`spans_processes`) every process runs the same program
 on the same host values: `to_global` places such a host array onto a sharding (each
@@ -18,6 +19,7 @@ be `np.asarray`'d).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +28,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-__all__ = ["barrier", "gather", "share", "spans_processes", "to_global", "to_host"]
+__all__ = [
+    "barrier",
+    "broadcast",
+    "gather",
+    "share",
+    "spans_processes",
+    "to_global",
+    "to_host",
+]
 
 
 def share(n: int, process_index: int | None = None, process_count: int | None = None) -> range:
@@ -67,10 +77,36 @@ def gather(local_items: Sequence[Any], n: int) -> list[Any]:
     return items
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches the barrier `name` (nothing with one process)."""
-    if jax.process_count() > 1:
+def broadcast(value: Any) -> Any:
+    """Process 0's `value` (JSON-able) on every process. Every process must call it, at
+    the same point."""
+    if jax.process_count() == 1:
+        return value
+    data = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    length = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+    buffer = np.zeros(max(1, length), np.uint8)
+    if jax.process_index() == 0:
+        buffer[:length] = np.frombuffer(data, np.uint8)
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return json.loads(buffer[:length].tobytes().decode("utf-8"))
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches the barrier `name` (nothing with one process).
+    It waits at the coordinator, as orbax does, not in a device collective (whose CPU
+    rendezvous gives up after 30 s, while process 0 may write files for minutes)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"jaxcai/{name}/{next(_BARRIERS)}", int(timeout_s * 1000))
+
+
+_BARRIERS = itertools.count()  # barrier ids are used once; every process counts alike
 
 
 def spans_processes(mesh: jax.sharding.Mesh | None) -> bool:

@@ -1,5 +1,11 @@
 """What every stage of a CAI run shares: the config, the run directory, the chat
-formats, the constitution, the prompt split, the mesh and the outputs so far."""
+formats, the constitution, the prompt split, the mesh and the outputs so far.
+
+In a multi-process launch the sampling mesh is this process's devices
+(`sampling.placement=replicated`: `spread` hands each process its share of the prompts
+and gathers the results in prompt order) or every process's (`sharded`: all processes
+run every prompt's program together). Either way the gathered texts are those of a
+one-process run, and only process 0 writes files."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from jaxcai.cai.constitution import Constitution
 from jaxcai.cai.critique import SamplingSettings
 from jaxcai.cai.feedback import FeedbackSettings, ModelJudge
 from jaxcai.chat import ChatFormat
+from jaxcai.distributed import gather, share, spans_processes
 from jaxcai.load import load_model
 from jaxcai.sample import SAMPLING_RULES
 
@@ -42,6 +49,22 @@ class RunContext:
     def progress(self) -> bool:
         """Whether to show progress bars (asked for, and this is process 0)."""
         return bool(self.cfg.progress) and jax.process_index() == 0
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (process 0)."""
+        return jax.process_index() == 0
+
+    def spread(self, work: Callable[[int, int], list[Any]], lo: int, hi: int) -> list[Any]:
+        """`work(lo, hi)`'s items (JSON-able; `work` must give item `i` from the global
+        index `i` alone). With a mesh of this process's devices in a multi-process launch
+        (`sampling.placement=replicated`), each process does its `share` of `[lo, hi)`
+        and the items are gathered in index order; else all of it is done here."""
+        if jax.process_count() == 1 or spans_processes(self.mesh):
+            return work(lo, hi)
+        part = share(hi - lo)
+        mine = work(lo + part.start, lo + part.stop) if len(part) else []
+        return gather(mine, hi - lo)
 
     def stage_dir(self, stage: str) -> Path:
         """Where a stage writes its files."""
@@ -108,6 +131,8 @@ class RunContext:
         from jaxcai.data import builders
 
         stage_dir = self.stage_dir(stage)
+        if not self.writer:  # process 0 writes it; the runner waits for it
+            return str((stage_dir / "dataset").expanduser().absolute())
         io.write_jsonl(stage_dir / filename, rows)
         dataset = builders.prepare(
             kind,
@@ -122,13 +147,14 @@ class RunContext:
         self, stage: str, name: str, n: int, work: Callable[[int, int], list[dict[str, Any]]]
     ) -> list[dict[str, Any]]:
         """`work(lo, hi)` over `[0, n)` in chunks of `chunk_size`, each kept in the stage's
-        `parts/` once finished, so a restarted stage does only the unfinished chunks."""
+        `parts/` once finished, so a restarted stage does only the unfinished chunks.
+        Each chunk is `spread` over the processes."""
         return io.run_chunks(
             self.stage_dir(stage) / "parts",
             name,
             n,
             int(self.cfg.chunk_size),
-            work,
+            lambda lo, hi: self.spread(work, lo, hi),
             desc=f"{stage}: {name}",
             progress=self.progress,
         )

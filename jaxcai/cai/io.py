@@ -13,6 +13,8 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from jaxcai.distributed import broadcast
+
 __all__ = ["DONE", "read_jsonl", "run_chunks", "stage_record", "write_json", "write_jsonl"]
 
 DONE = "stage.json"  # a stage is finished once its record exists
@@ -59,11 +61,13 @@ def run_chunks(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """`work(lo, hi)` over `[0, n)` in chunks of `size`, each kept in `parts` once
-    finished (by process 0), so a restart does only the chunks it had not finished."""
+    finished (by process 0), so a restart does only the chunks it had not finished. In a
+    multi-process launch process 0 decides which chunks are done (`parts` must be on
+    storage every process sees)."""
     rows: list[dict[str, Any]] = []
     for lo in tqdm(range(0, n, size), desc=desc, unit="chunk", disable=not progress):
         path = parts / f"{name}-c{size}-{lo:07d}.jsonl"
-        if path.is_file():
+        if broadcast(path.is_file()):
             rows += read_jsonl(path)
             continue
         chunk = work(lo, min(n, lo + size))

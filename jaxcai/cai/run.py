@@ -9,6 +9,12 @@ running it. Every dataset records its provenance in its TFDS metadata, every tra
 model in `provenance.json` and `MODEL_CARD.md` beside its checkpoints; `report.md`
 gathers the numbers and plots. `plugins` names modules to import first: each registers
 its own stages.
+
+A multi-process launch (`distributed.enabled=true`, every process running the same
+command on a shared run directory) runs every stage: the training stages as
+`jaxcai-train` does, the sampling stages with each process sampling its share of the
+prompts (`sampling.placement`, see `jaxcai.cai.context`); the datasets are byte for byte
+those of a one-process run. Process 0 writes the files; every stage ends at a barrier.
 """
 
 from __future__ import annotations
@@ -22,11 +28,17 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai import sharding
+from jaxcai import distributed
 from jaxcai.cai import io, stages
 from jaxcai.cai.constitution import load_constitution
 from jaxcai.cai.context import RunContext
-from jaxcai.cai.settings import chat_formats, load_plugins, split_prompts, validate_cai
+from jaxcai.cai.settings import (
+    chat_formats,
+    load_plugins,
+    sampling_mesh,
+    split_prompts,
+    validate_cai,
+)
 from jaxcai.cai.stages import PipelineError, Stage
 from jaxcai.config import ConfigError
 
@@ -61,7 +73,7 @@ def _context(cfg: DictConfig, run_dir: Path) -> RunContext:
     if jax.process_index() == 0:
         (run_dir / "cai.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     prompts, sources = split_prompts(cfg)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+    mesh = sampling_mesh(cfg)
     constitution = load_constitution(cfg.cai.constitution)
     return RunContext(
         cfg, run_dir, policy_chat, feedback_chat, constitution, prompts, sources, mesh
@@ -78,6 +90,7 @@ def _run_stage(context: RunContext, stage: Stage) -> dict[str, Any]:
     record["seconds"] = round(time.perf_counter() - start, 1)
     if jax.process_index() == 0:
         io.write_json(context.stage_dir(stage.name) / io.DONE, record)
+    distributed.barrier(f"jaxcai-cai stage {stage.name}")  # its files are written
     return record
 
 
@@ -85,22 +98,19 @@ def run_cai(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Run the pipeline's stages in order in `run_dir`, skipping finished ones; returns
     each stage's record and writes `report.md`."""
     from jaxcai.cai.report import write_report
+    from jaxcai.loop import initialize_distributed
 
+    if cfg.get("distributed"):
+        initialize_distributed(cfg.distributed)  # before anything touches the devices
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     load_plugins(cfg)
     validate_cai(cfg)
     context = _context(cfg, run_dir)
     wanted = set(cfg.stages)
-    sampling = {s.name for s in stages.registered() if s.samples} & wanted
-    if jax.process_count() > 1 and sampling:
-        raise PipelineError(
-            f"stages {sorted(sampling)} sample in one process; run them on one host and hand "
-            "their outputs to a multi-host run of the training stages with inputs.<stage>=PATH"
-        )
     records: dict[str, Any] = {}
     for stage in stages.order():
-        record = io.stage_record(run_dir, stage.name)
+        record = distributed.broadcast(io.stage_record(run_dir, stage.name))  # process 0's
         given = _given(cfg, stage)
         if given:
             record = {"stage": stage.name, "outputs": {"given": given}, "stats": {}, "given": True}

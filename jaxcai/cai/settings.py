@@ -1,5 +1,6 @@
 """The pipeline's settings: plugins, validation of its own keys, the train/eval split of
-the prompt sets, and the policy's and feedback model's chat formats."""
+the prompt sets, the policy's and feedback model's chat formats, and the mesh the
+sampling stages load models on."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import importlib
 import logging
 from typing import Any
 
+import jax
 from omegaconf import DictConfig, OmegaConf
 
-from jaxcai import streams
+from jaxcai import sharding, streams
 from jaxcai.chat import ChatError, ChatFormat
 from jaxcai.config import CHAT_KINDS, ConfigError, model_config
 from jaxcai.data.training import open_dataset
@@ -17,7 +19,17 @@ from jaxcai.load import chat_format, model_config_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["chat_formats", "load_plugins", "split_prompts", "validate_cai"]
+__all__ = [
+    "PLACEMENTS",
+    "chat_formats",
+    "load_plugins",
+    "sampling_mesh",
+    "split_prompts",
+    "validate_cai",
+]
+
+# How the sampling stages place a model in a multi-process launch (`sampling.placement`).
+PLACEMENTS = ("replicated", "sharded")
 
 
 def load_plugins(cfg: DictConfig) -> list[str]:
@@ -83,6 +95,28 @@ def validate_cai(cfg: DictConfig) -> None:
         ">= 1",
     )
     check(cfg.sampling.batch_size >= 1, "sampling.batch_size", cfg.sampling.batch_size, ">= 1")
+    placement = cfg.sampling.get("placement", "replicated")
+    check(placement in PLACEMENTS, "sampling.placement", placement, f"one of {PLACEMENTS}")
+
+
+def sampling_mesh(cfg: DictConfig) -> jax.sharding.Mesh:
+    """The mesh the sampling stages load models on. One process: `mesh` over its devices.
+    Several, `sampling.placement=replicated`: this process's devices alone, `mesh.tensor`
+    ways tensor parallel and the rest data parallel (each process samples its share of
+    the prompts with no collectives). `sharded`: `mesh` over every process's devices
+    (all processes run each batch together, its rows spread over all devices)."""
+    mesh_cfg = sharding.MeshConfig(**cfg.mesh)
+    placement = cfg.sampling.get("placement", "replicated")
+    if jax.process_count() == 1 or placement == "sharded":
+        return sharding.make_mesh(mesh_cfg)
+    local = sharding.MeshConfig(data=-1, fsdp=1, tensor=mesh_cfg.tensor)
+    try:
+        return sharding.make_mesh(local, devices=jax.local_devices())
+    except ValueError as e:
+        raise ConfigError(
+            f"config sampling.placement=replicated: mesh.tensor={mesh_cfg.tensor} must divide "
+            f"this process's {jax.local_device_count()} devices ({e})"
+        ) from e
 
 
 def split_prompts(cfg: DictConfig) -> tuple[dict[str, dict[str, list[str]]], dict[str, Any]]:

@@ -6,9 +6,11 @@
 float, "distributed": {"coordinator_address", "num_processes", "process_id"} | null}`.
 With `distributed`, this is one of several processes (4 fake CPU devices each) and the
 mesh spans them all; without, one process holds all 8 devices. The tiny model's weights
-(scaled by `scale`, as in `sharded_sample.py`) are created in their shards on the mesh.
-Prints one JSON line of results; `tests/test_multihost_sampling.py` compares the two
-processes' lines with a one-process run's.
+(scaled by `scale`, as in `sharded_sample.py`) are created in their shards on the mesh,
+and a reward model's beside them (`jaxcai.cai.evaluate.reward_scores`); `gather` and
+`broadcast` of `jaxcai.distributed` run on a few strings. Prints one JSON line of
+results; `tests/test_multihost_sampling.py` compares the two processes' lines with a
+one-process run's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 from sharded_sample import scaled
 
 from jaxcai import model as M
-from jaxcai.distributed import spans_processes
+from jaxcai.cai.evaluate import reward_scores
+from jaxcai.distributed import broadcast, gather, share, spans_processes
 from jaxcai.sample import SAMPLING_RULES, choose, generate, score
 from jaxcai.sharding import MeshConfig, make_mesh
 from jaxcai.tokenizer import Tokenizer
@@ -81,6 +84,13 @@ def main(job: dict) -> None:
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     params = scaled(M.init_sharded(config, jax.random.key(0), mesh, SAMPLING_RULES), job["scale"])
     result = run(config, params, job["prompts"], job, mesh)
+    rm = M.init_sharded(config, jax.random.key(1), mesh, SAMPLING_RULES, head="reward")
+    texts = ["\n\nHuman: Hi there.", "\n\nHuman: Why? Tell me é.", "\n\nHuman: No."]
+    answers = ["Hello.", "Because. ü", ""]
+    rewards = reward_scores(config, scaled(rm, job["scale"]), Tokenizer.load(), texts, answers)
+    result["rewards"] = rewards.tolist()
+    mine = [{"i": i, "text": "é" * i} for i in share(7)]
+    result.update(gathered=gather(mine, 7), share=list(share(7)), first=broadcast(mine))
     result.update(process_index=jax.process_index(), spans_processes=spans_processes(mesh))
     print(json.dumps(result), flush=True)
 

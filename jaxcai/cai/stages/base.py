@@ -43,7 +43,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     produces: str = "results"
     uses: tuple[str, ...] = ()  # optional inputs: read when present, always ordered first
-    samples: bool = False  # samples text in one process (not on a multi-host run)
+    samples: bool = False  # samples text (spread over the processes: `sampling.placement`)
     always: bool = False  # runs in every pipeline (the initial policy), never handed in
 
     def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:

@@ -122,7 +122,8 @@ class CritiqueStage(Stage):
 
     def _write(self, context: RunContext, inputs: dict[str, str], trajectories, mix, stats):
         """The trajectories as a file, and the SFT mix as a file and a dataset."""
-        io.write_jsonl(context.stage_dir(self.name) / "trajectories.jsonl", trajectories)
+        if context.writer:
+            io.write_jsonl(context.stage_dir(self.name) / "trajectories.jsonl", trajectories)
         return context.write_dataset(
             self.name, "sft", "sft.jsonl", mix,
             policy=inputs["initial"], settings=plain(context.cfg.cai), stats=stats,

@@ -1,21 +1,51 @@
 """Stage `eval`: the policies (initial, then sft and dpo when the run has them) answer the
 held-out prompts; the reward model (if any) scores them, the feedback model judges their
-harm and their preference over the initial policy, and scores the choice files."""
+harm and their preference over the initial policy, and scores the choice files.
+
+Each per-prompt measure is `context.spread` over the processes of a multi-process launch
+(every prompt's result depends on its index only); the choice files are scored whole by
+every process."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from jaxcai import streams
 from jaxcai.cai import evaluate as E
 from jaxcai.cai import io
 from jaxcai.cai.context import RunContext
 from jaxcai.cai.critique import critique_and_revise
+from jaxcai.cai.feedback import Judgement
 from jaxcai.cai.stages.base import Stage, register
 from jaxcai.cai.stages.train import train_config
 
 Responses = dict[str, dict[str, list[str]]]  # policy -> prompt set -> responses
+
+
+def _answers(context: RunContext, model: tuple, prompts: list[str], settings) -> list[str]:
+    """One policy's answers to one held-out set (spread over the processes)."""
+    config, params = model
+
+    def answer(lo: int, hi: int) -> list[str]:
+        out = critique_and_revise(
+            config,
+            params,
+            context.chat,
+            context.constitution,
+            prompts[lo:hi],
+            rounds=0,
+            seed=streams.seed("eval.responses", context.cfg.seed),
+            few_shot=False,
+            settings=settings,
+            indices=range(lo, hi),
+            mesh=context.mesh,
+        )
+        return [r.initial for r in out]
+
+    return context.spread(answer, 0, len(prompts))
 
 
 def _responses(context: RunContext, policies: dict[str, str], sets: dict[str, list[str]]):
@@ -24,22 +54,8 @@ def _responses(context: RunContext, policies: dict[str, str], sets: dict[str, li
     settings = dataclasses.replace(context.sampling(), temperature=float(cfg.eval.temperature))
     responses: Responses = {}
     for name, path in policies.items():
-        config, params = context.model(path)
-        responses[name] = {}
-        for set_name, prompts in sets.items():
-            out = critique_and_revise(
-                config,
-                params,
-                context.chat,
-                context.constitution,
-                prompts,
-                rounds=0,
-                seed=streams.seed("eval.responses", cfg.seed),
-                few_shot=False,
-                settings=settings,
-                mesh=context.mesh,
-            )
-            responses[name][set_name] = [r.initial for r in out]
+        model = context.model(path)
+        responses[name] = {s: _answers(context, model, p, settings) for s, p in sets.items()}
     return responses
 
 
@@ -47,16 +63,19 @@ def _rewards(context: RunContext, rm: str, sets, responses: Responses) -> dict[s
     """Reward-model scores of every answer (written to `reward_scores.json`), summarised."""
     config, params = context.model(rm)
     max_len = train_config(context, "rm", "unused", "unused").data.max_len
-    scores = {
-        name: {
-            s: E.reward_scores(
-                config, params, context.chat, sets[s], responses[name][s], max_len=max_len
-            ).tolist()
-            for s in sets
-        }
-        for name in responses
-    }
-    io.write_json(context.stage_dir("eval") / "reward_scores.json", scores)
+
+    def scored(prompts: list[str], answers: list[str]) -> list[float]:
+        return context.spread(
+            lambda lo, hi: E.reward_scores(
+                config, params, context.chat, prompts[lo:hi], answers[lo:hi], max_len=max_len
+            ).tolist(),
+            0,
+            len(prompts),
+        )
+
+    scores = {name: {s: scored(sets[s], responses[name][s]) for s in sets} for name in responses}
+    if context.writer:
+        io.write_json(context.stage_dir("eval") / "reward_scores.json", scores)
     return {name: {s: E.summary(v) for s, v in per_set.items()} for name, per_set in scores.items()}
 
 
@@ -64,22 +83,35 @@ def _preferences(context: RunContext, judge, sets, responses: Responses) -> dict
     """How often the feedback model prefers each trained policy's answer to the initial's."""
     seed = streams.seed("eval.preference", context.cfg.seed)
     fb = context.feedback_settings()
+
+    def rate(prompts: list[str], first: list[str], second: list[str]) -> dict[str, float]:
+        def judged(lo: int, hi: int) -> list[dict[str, Any]]:
+            out = E.preference_judgements(
+                judge, context.constitution, prompts[lo:hi], first[lo:hi], second[lo:hi],
+                settings=fb, seed=seed, indices=range(lo, hi),
+            )  # fmt: skip
+            return [dataclasses.asdict(j) for j in out]
+
+        judgements = context.spread(judged, 0, len(prompts))
+        return E.preference_summary([Judgement(**j) for j in judgements])
+
     return {
-        name: {
-            s: E.preference_rate(
-                judge,
-                context.constitution,
-                sets[s],
-                responses[name][s],
-                responses["initial"][s],
-                settings=fb,
-                seed=seed,
-            )
-            for s in sets
-        }
+        name: {s: rate(sets[s], responses[name][s], responses["initial"][s]) for s in sets}
         for name in responses
         if name != "initial"
     }
+
+
+def _harm(context: RunContext, judge, prompts: list[str], answers: list[str]) -> dict:
+    """The share of `answers` the feedback model calls harmful (`E.harm_share`)."""
+    p = context.spread(
+        lambda lo, hi: E.harm_probs(
+            judge, context.constitution, prompts[lo:hi], answers[lo:hi]
+        ).tolist(),
+        0,
+        len(prompts),
+    )
+    return E.harm_summary(np.asarray(p, np.float64))
 
 
 def _choices(context: RunContext, judge) -> dict[str, Any]:
@@ -117,10 +149,7 @@ class EvalStage(Stage):
             results["reward"] = _rewards(context, inputs["rm"], sets, responses)
         judge = context.judge()
         results["harm"] = {
-            name: {
-                s: E.harm_share(judge, context.constitution, sets[s], responses[name][s])
-                for s in sets
-            }
+            name: {s: _harm(context, judge, sets[s], responses[name][s]) for s in sets}
             for name in policies
         }
         if final != "initial":
@@ -134,8 +163,9 @@ class EvalStage(Stage):
             for p, r in zip(sets[s], texts, strict=True)
         ]
         stage_dir = context.stage_dir(self.name)
-        io.write_jsonl(stage_dir / "responses.jsonl", rows)
-        io.write_json(stage_dir / "results.json", results)
+        if context.writer:
+            io.write_jsonl(stage_dir / "responses.jsonl", rows)
+            io.write_json(stage_dir / "results.json", results)
         return str(stage_dir / "results.json"), results
 
 
