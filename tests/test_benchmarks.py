@@ -175,3 +175,64 @@ def test_torch_loss_matches_jaxcai_before_any_update(tmp_path, objective, refere
     ref_model = hf_train.frozen_copy(model) if reference == "model" else None
     torch_loss = hf_train.torch_loss(oc, model, hf_train.torch_batch(rows), ref_model)
     assert torch_loss.item() == pytest.approx(jax_loss, abs=1e-4)
+
+
+def test_rl_benchmark_splits_each_rl_step_from_the_feed_metrics():
+    """Rollout r's record holds its sampling and scoring; rollout r + 1's holds the share
+    of r's RL step spent rolling out and its update tokens/s: step = rollout / share.
+    Rates are token-weighted over the timed steps; compile seconds come from the marks."""
+    from omegaconf import OmegaConf
+
+    rl = benchmark_module("rl")
+    records = [
+        {"step": 1, "rollout/index": 1, "rollout/sample_seconds": 2.0,
+         "rollout/score_seconds": 1.0, "rollout/tokens_per_s": 100.0},
+        {"step": 2, "loss": 0.5},
+        {"step": 3, "rollout/index": 2, "rollout/sample_seconds": 4.0,
+         "rollout/score_seconds": 2.0, "rollout/tokens_per_s": 50.0,
+         "rollout/sampling_share": 0.3, "rollout/update_tokens_per_s": 20.0},
+        {"step": 5, "rollout/index": 3, "rollout/sample_seconds": 1.0,
+         "rollout/score_seconds": 1.0, "rollout/tokens_per_s": 9.0,
+         "rollout/sampling_share": 0.5, "rollout/update_tokens_per_s": 10.0},
+    ]  # fmt: skip
+    rows = rl.cycles(records, marks=[0.0, 5.0, 5.0])
+    assert [(r["rl_step"], r["step_s"], r["update_s"], r["compile_s"]) for r in rows] == [
+        (1, 10.0, 7.0, 5.0),
+        (2, 12.0, 6.0, 0.0),
+    ]
+    s = rl.summary(rows)
+    assert s["rollout_tokens_per_s"] == pytest.approx(400 / 6, abs=0.1)
+    assert s["update_tokens_per_s"] == pytest.approx((7 * 20 + 6 * 10) / 13, abs=0.1)
+    assert s["step_s"] == 11.0 and s["sample_share"] == pytest.approx(6 / 22, abs=1e-4)
+    assert s["sample_share"] + s["score_share"] + s["update_share"] == pytest.approx(1, abs=1e-3)
+    settings = dict(sequences=32, samples=None, batch_size=16, epochs=2)
+    pairs = rl.shape(OmegaConf.create({**settings, "algorithm": "online_dpo"}))
+    assert pairs == {"prompts": 16, "samples": 2, "trainer_batch_size": 8, "updates_per_step": 4}
+    group = rl.shape(OmegaConf.create({**settings, "algorithm": "grpo"}))
+    assert group["prompts"] == 8 and group["samples"] == 4 and group["updates_per_step"] == 4
+
+
+@pytest.mark.slow  # a minute on 2 cores: compiling the sampler, the scoring and the update
+@pytest.mark.parametrize("algorithm", ["ppo", "online_dpo"])
+def test_rl_benchmark_reports_rollout_and_update_throughput(tmp_path, algorithm):
+    result = run_benchmark(
+        tmp_path,
+        "-m",
+        "benchmarks.rl",
+        f"algorithm={algorithm}",
+        "model=tiny",
+        "sequences=4",
+        "batch_size=4",
+        "max_new_tokens=4",
+        "max_len=64",
+        "warmup=0",
+        "rollouts=1",
+        "compile_tolerance=1.0",  # the only timed RL step is the compiling one
+    )
+    assert result["algorithm"] == algorithm and result["model"] == "tiny"
+    assert result["updates_per_step"] == 1 and result["timed_steps"] == 1
+    assert result["rollout_tokens_per_s"] > 0 and result["update_tokens_per_s"] > 0
+    split = result["sample_s"] + result["score_s"] + result["update_s"]
+    assert split == pytest.approx(result["step_s"], rel=1e-3)
+    assert result["generated_tokens_per_step"] <= 4 * 4 and result["peak_rss_mb"] > 0
+    assert json.loads((tmp_path / "result.json").read_text()) == result
