@@ -6,14 +6,17 @@ every hook whose trigger is due. A hook has an `every` (steps; 0 = never between
 in every case (also after an error). The built-in hooks, in the order they run:
 
     MetricsHook       each step's metrics: non-finite check, tokens/s, MFU, metrics.jsonl
+    (the objective's) `Objective.hooks`, e.g. online RL's value step and rollout metrics
     EvalHook          eval loss every `trainer.eval_every` steps and at the end
     GenerationHook    answers to eval prompts, scored against the references (the end)
     CheckpointHook    an orbax checkpoint every `trainer.checkpoint_every` steps, and last
     PreemptionHook    on SIGTERM: checkpoint, then exit between steps
     ExportHook        the final params as a Hugging Face directory (`trainer.export_hf`)
 
-An objective that needs work between steps (rollouts for online RL) adds its own hooks
-through `Objective.hooks`; one that makes its own batches (online RL) has an
+An objective that needs work between steps adds its own hooks through
+`Objective.hooks` (they run before checkpoints, so state they change is saved current; a
+hook may add host values to `context.step_metrics`, which `MetricsHook` writes with the
+device values); one that makes its own batches (online RL) has an
 `Objective.feed`, which the loop builds in place of the data pipeline's `Feed`.
 Metrics are read one step late (the step after runs meanwhile); a hook that needs them
 current (evaluation, a checkpoint, which must never hold a non-finite step) calls
@@ -288,9 +291,12 @@ class ExportHook(Hook):
 
 
 def default_hooks(ctx: RunContext, bar: Any = None) -> list[Hook]:
-    """The hooks `trainer` settings ask for, then the objective's own."""
+    """The metrics hook, the objective's own hooks (so whatever state they change is
+    current when a checkpoint is saved), then the hooks `trainer` settings ask for."""
     t = ctx.cfg.trainer
     hooks: list[Hook] = [MetricsHook(ctx, bar)]
+    if ctx.trainer.objective.hooks is not None:  # before checkpoints: their state is saved
+        hooks += list(ctx.trainer.objective.hooks(ctx))
     if ctx.eval_rows is not None:  # objectives that sample their data have no eval split
         hooks.append(EvalHook(ctx))
     if t.generate_eval:
@@ -298,6 +304,4 @@ def default_hooks(ctx: RunContext, bar: Any = None) -> list[Hook]:
     hooks += [CheckpointHook(ctx), PreemptionHook()]
     if t.export_hf:
         hooks.append(ExportHook())
-    if ctx.trainer.objective.hooks is not None:
-        hooks += list(ctx.trainer.objective.hooks(ctx))
     return hooks
