@@ -53,6 +53,35 @@ def _plot_training(run_dir: Path, stage: str) -> str | None:
     return str(path.relative_to(run_dir))
 
 
+def _plot_rl(run_dir: Path, stage: str) -> str | None:
+    """Online RL: the reward source's mean score and the KL to the reference per rollout
+    against step; the PNG's path relative to `run_dir` (None for other runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in read_metrics(run_dir / stage) if "objective/scores" in m]
+    if not metrics:
+        return None
+    steps = [m["step"] for m in metrics]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 4.4), dpi=100, sharex=True)
+    top.plot(steps, [m["objective/scores"] for m in metrics], "o-", label="score")
+    top.plot(steps, [m["objective/rlhf_reward"] for m in metrics], "s--", label="score - KL")
+    top.set_ylabel("reward")
+    top.set_title(f"{stage}: rollouts")
+    top.legend()
+    bottom.plot(steps, [m["objective/kl"] for m in metrics], "o-", color="tab:red")
+    bottom.set_ylabel("KL to reference")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    path = run_dir / "plots" / f"{stage}_reward_kl.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path.relative_to(run_dir))
+
+
 def _plot_rewards(run_dir: Path) -> str | None:
     """Histograms of reward-model scores per policy (all eval prompt sets together)."""
     scores_file = run_dir / "eval" / "reward_scores.json"
@@ -125,6 +154,9 @@ def write_report(run_dir: str | Path, records: dict[str, dict[str, Any]]) -> Pat
             lines += [_table(stats), ""]
             trained = (run_dir / stage / "metrics.jsonl").is_file()  # a training stage's run
             plot = _plot_training(run_dir, stage) if trained else None
+            rl_plot = _plot_rl(run_dir, stage) if trained else None
+            if rl_plot:
+                lines += [f"![{stage} reward and KL]({rl_plot})", ""]
         if plot:
             lines += [f"![{stage}]({plot})", ""]
     path = run_dir / "report.md"

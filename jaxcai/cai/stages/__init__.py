@@ -8,6 +8,8 @@
                                                                 -> feedback/dataset (pref.)
     rm        a reward model on the AI-feedback labels          -> rm/
     dpo       DPO of the SL-CAI policy on them                  -> dpo/
+    rl        online RL of the SL-CAI policy (`rl.algorithm`: ppo, rloo, grpo,
+              online_dpo) against the reward model or the judge -> rl/
     eval      held-out prompts: the policies compared           -> eval/results.json
 
 Each stage declares what it needs and produces (`base.Stage`); `jaxcai.cai.run` orders
@@ -18,7 +20,7 @@ run starts, so no other file changes.
 
 # The built-in stages register themselves as they are imported (registration order only
 # breaks ties between stages the graph leaves unordered, such as rm and dpo).
-from jaxcai.cai.stages import critique, evaluate, feedback, initial, train
+from jaxcai.cai.stages import critique, evaluate, feedback, initial, rl, train
 from jaxcai.cai.stages.base import (
     PRODUCTS,
     PipelineError,
@@ -48,6 +50,7 @@ __all__ = [
     "order",
     "register",
     "registered",
+    "rl",
     "runnable",
     "train",
     "train_config",

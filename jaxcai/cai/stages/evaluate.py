@@ -1,4 +1,4 @@
-"""Stage `eval`: the policies (initial, then sft and dpo when the run has them) answer the
+"""Stage `eval`: the policies (initial, then sft, dpo and rl when the run has them) answer the
 held-out prompts; the reward model (if any) scores them, the feedback model judges their
 harm and their preference over the initial policy, and scores the choice files.
 
@@ -134,7 +134,7 @@ class EvalStage(Stage):
     def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
         cfg = context.cfg
         policies = {"initial": inputs["initial"]}
-        for name in ("sft", "dpo"):
+        for name in ("sft", "dpo", "rl"):
             if name in inputs:
                 policies[name] = inputs[name]
         final = list(policies)[-1]
@@ -171,6 +171,10 @@ class EvalStage(Stage):
 
 EVAL = register(
     EvalStage(
-        "eval", needs=("initial",), uses=("sft", "rm", "dpo"), produces="results", samples=True
+        "eval",
+        needs=("initial",),
+        uses=("sft", "rm", "dpo", "rl"),
+        produces="results",
+        samples=True,
     )
 )

@@ -24,18 +24,30 @@ DATA_GROUP = {"text": "pretrain", "sft": "sft", "preference": "preferences"}
 WIRING = {"sft": ("critique", "initial"), "rm": ("feedback", "sft"), "dpo": ("feedback", "sft")}
 
 
-def train_config(context: RunContext, stage: str, data: str, init_from: str) -> DictConfig:
+def train_config(
+    context: RunContext,
+    stage: str,
+    data: str,
+    init_from: str,
+    *,
+    objective: str | None = None,
+    section: Any = None,
+) -> DictConfig:
     """The `jaxcai-train` config of a training stage: the objective's defaults, then
-    `train` (shared), then the stage's own section, then the pipeline's wiring."""
-    objective = get_objective(stage)
+    `train` (shared), then the stage's own section, then the pipeline's wiring.
+    `objective` and `section` default to the stage's objective and `cfg[stage]`."""
+    objective = objective or get_objective(stage)
     record = objectives.get(objective)
     cfg_in = context.cfg
-    data_group = DATA_GROUP[record.data_kind]
-    cfg = compose([f"objective={objective}", f"data={data_group}"], "train")
+    groups = [f"objective={objective}"]
+    if record.data_kind in DATA_GROUP:  # a prompts objective reads only data.train
+        groups.append(f"data={DATA_GROUP[record.data_kind]}")
+    cfg = compose(groups, "train")
     cfg = OmegaConf.merge(cfg, {"mesh": cfg_in.mesh, "model": cfg_in.model})
-    for key in ("train", stage):
+    sections = (("train", cfg_in.train), (stage, cfg_in[stage] if section is None else section))
+    for key, values in sections:
         try:
-            cfg = OmegaConf.merge(cfg, cfg_in[key] or {})
+            cfg = OmegaConf.merge(cfg, values or {})
         except Exception as e:  # an unknown or mistyped key
             raise ConfigError(f"config {key}: {e}") from e
     cfg.data.train = data
@@ -69,10 +81,17 @@ class TrainStage(Stage):
         return cls(objective, needs=(data_from, init_from), produces="model", objective=objective)
 
     def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        data, init_from = (inputs[n] for n in self.needs)
+        return self.train(context, train_config(context, self.name, data, init_from), data,
+                          init_from)  # fmt: skip
+
+    def train(
+        self, context: RunContext, cfg: DictConfig, data: str, init_from: str
+    ) -> tuple[str, dict[str, Any]]:
+        """Run `jaxcai-train` with `cfg` in the stage's directory; write its provenance
+        and model card."""
         from jaxcai.loop import run as train
 
-        data, init_from = (inputs[n] for n in self.needs)
-        cfg = train_config(context, self.name, data, init_from)
         out = context.stage_dir(self.name)
         summary = train(cfg, out)
         provenance = context.provenance(
