@@ -660,3 +660,22 @@ def test_sharded_sampling_equals_single_device():
     np.testing.assert_allclose(
         single["scores"], np.array(single["sampled_logprobs"]).sum(-1), rtol=1e-5, atol=1e-4
     )
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(tok):
+    """A model whose embedding table is larger than its tokenizer (a padded vocabulary):
+    with the tokenizer given, sampling keeps to the ids it can decode, so stop strings and
+    texts work; the log-probs stay the model's own over the whole table."""
+    config = preset("tiny").replace(vocab_size=4 * tok.vocab_size)
+    params = init_params(config, jax.random.key(3))
+    prompts = [tok.encode("Hello there", add_bos=True)] * 4
+    # hot enough that a random model's draws cover the whole table
+    kwargs = {"max_new_tokens": 12, "temperature": 10.0, "seed": 0, "pad_id": tok.pad_id}
+    free = S.generate(config, params, prompts, **kwargs)
+    assert max(max(t) for t in free.tokens) >= tok.vocab_size  # without it they come up
+    out = S.generate(config, params, prompts, tokenizer=tok, stop_strings=("\n\nHuman:",), **kwargs)
+    assert max(max(t) for t in out.tokens) < tok.vocab_size
+    assert all(isinstance(t, str) for t in out.texts)
+    logits = forward(config, params, jnp.asarray([prompts[0] + out.tokens[0][:1]]))
+    want = jax.nn.log_softmax(logits[0, len(prompts[0]) - 1])[out.tokens[0][0]]
+    np.testing.assert_allclose(out.logprobs[0][0], want, rtol=1e-4, atol=1e-4)

@@ -257,6 +257,13 @@ def _collect(state: DecodeState, cuts, batch: list[int], stops: _Stops, out: dic
             out["texts"][n] = text
 
 
+def _vocab(config: ModelConfig, tokenizer: Any) -> int:
+    """How many ids may be sampled: the tokenizer's (when smaller than the model's
+    embedding table, the extra rows have no text), else all of the model's."""
+    size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    return min(int(size), config.vocab_size) if size else config.vocab_size
+
+
 def generate(
     config: ModelConfig,
     params: Params,
@@ -284,7 +291,8 @@ def generate(
     `temperature=0` is greedy; `top_k`/`top_p` filter the temperature-scaled
     distribution (combinable). A sequence stops at any of `stop_ids` (excluded from its
     tokens), at any of `stop_strings` (needs `tokenizer`; the text is cut before it), or
-    after `max_new_tokens`. Prompts are sorted by length and run `batch_size` at a time,
+    after `max_new_tokens`. With a `tokenizer`, only ids it can decode are sampled.
+    Prompts are sorted by length and run `batch_size` at a time,
     padded to power-of-two shapes. With `mesh`, rows are sharded over its batch axes
     (params should already be placed, e.g. with `SAMPLING_RULES`).
     """
@@ -309,6 +317,7 @@ def generate(
         top_k=scalar(top_k, jnp.int32, mesh),
         top_p=scalar(top_p, jnp.float32, mesh),
         stop_ids=scalar(list(stop_ids) or [-1], jnp.int32, mesh),
+        vocab=scalar(_vocab(config, tokenizer), jnp.int32, mesh),
     )
     shards = batch_shards(mesh, rules)
     out: dict[str, Any] = {

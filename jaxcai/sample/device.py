@@ -36,11 +36,17 @@ class DecodeRules:
     top_k: jax.Array
     top_p: jax.Array
     stop_ids: jax.Array  # [S] (-1 = unused slot)
+    # [] ids >= this are never sampled: a model's embedding table may have more rows than
+    # its tokenizer has tokens (padded vocabularies), and those ids have no text
+    vocab: jax.Array | None = None
 
 
 def _pick(logits_BV, state_keys_B, step, rules: DecodeRules):
     keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(state_keys_B)
-    token_B = sample_tokens(logits_BV, keys, rules.temperature, rules.top_k, rules.top_p)
+    allowed_BV = logits_BV
+    if rules.vocab is not None:
+        allowed_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < rules.vocab, logits_BV, -jnp.inf)
+    token_B = sample_tokens(allowed_BV, keys, rules.temperature, rules.top_k, rules.top_p)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], -1)[:, 0]
     return token_B, logp_B
 
