@@ -1,6 +1,7 @@
 """Online RL on meshes and through crashes: one update on fixed rollout rows is the same on
-1 device and on 8 fake devices (data x fsdp x tensor), and a run killed with SIGKILL
-mid-rollout and restarted writes the same metrics as an uninterrupted run."""
+1 device and on 8 fake devices (data x fsdp x tensor); two processes (Gloo) run RL with
+the metrics of one; and a run killed with SIGKILL mid-rollout and restarted writes the
+same metrics as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -111,3 +112,63 @@ def test_kill_9_mid_rollout_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert set(a) == set(b), a["step"]
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+TWO_HOSTS = [
+    "experiment=smoke_grpo",
+    "rollout.prompts=4",
+    "rollout.samples=2",
+    "rollout.max_new_tokens=8",
+    "data.max_len=64",
+    "trainer.batch_size=8",
+    "trainer.steps=4",
+    "trainer.checkpoint_every=2",
+    "trainer.progress=false",
+    "trainer.tensorboard=false",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+]
+
+
+def test_two_processes_run_rl_like_one(tmp_path):
+    """Two processes of 4 devices each (Gloo over 127.0.0.1) sample the rollouts on the
+    global mesh, score them and update: the metrics equal one process of 8 devices."""
+    from launch import Launch, finish, free_port
+
+    script = HERE / "scripts" / "train_mesh.py"
+
+    def job(run_dir: Path, *extra: str) -> list[str]:
+        return [json.dumps([{"run_dir": str(run_dir), "overrides": [*TWO_HOSTS, *extra]}])]
+
+    one = Launch(script, job(tmp_path / "one"), 8, tmp_path, "one")
+    finish(one)
+    port = free_port()
+    hosts = [
+        Launch(
+            script,
+            job(
+                tmp_path / "two",
+                "distributed.enabled=true",
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+            ),
+            4,
+            tmp_path,
+            f"two_{i}",
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        records = finish(*hosts)
+    finally:
+        for x in hosts:
+            x.kill()
+    assert [r[0]["process_count"] for r in records] == [2, 2]
+    got, want = _plain(tmp_path / "two"), _plain(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] and len(want) >= 4
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b), a["step"]
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
