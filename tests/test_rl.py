@@ -257,3 +257,25 @@ def test_each_algorithm_runs_and_reports(objective, tmp_path):
     if objective != "online_dpo":
         assert first["policy/approxkl"] < 1e-6  # the rollout's log-probs are the step's
     assert np.isfinite(result["train/loss"])
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_base_weights_with_adapters_off(tmp_path):
+    """Under LoRA the reference is the state's own base weights (no copy): the first
+    rollout's KL is 0 (fresh adapters change nothing), later ones move away from it."""
+    import jax
+
+    from jaxcai import hf, model
+    from jaxcai.model_config import preset
+    from jaxcai.tokenizer import Tokenizer
+
+    config = preset("tiny")
+    hf.save_pretrained(tmp_path / "base", config, model.init_params(config, jax.random.key(0)),
+                       tokenizer=Tokenizer.load())  # fmt: skip
+    overrides = ["objective=grpo", *FAST, f"trainer.init_from={tmp_path / 'base'}",
+                 "model.lora_rank=4", "model.lora_alpha=8", "optimizer.lr=5e-2",
+                 "trainer.steps=6"]  # fmt: skip
+    run(compose(overrides), tmp_path / "run")
+    kls = [r["objective/kl"] for r in read_metrics(tmp_path / "run") if "objective/kl" in r]
+    assert len(kls) == 3 and kls[0] == pytest.approx(0.0, abs=1e-6)
+    assert abs(kls[-1]) > 1e-4  # the adapters trained; the reference did not follow
