@@ -291,11 +291,9 @@ def generate(
     `temperature=0` is greedy; `top_k`/`top_p` filter the temperature-scaled
     distribution (combinable). A sequence stops at any of `stop_ids` (excluded from its
     tokens), at any of `stop_strings` (needs `tokenizer`; the text is cut before it), or
-    after `max_new_tokens`. With a `tokenizer`, only ids it can decode are sampled.
-    Prompts are sorted by length and run `batch_size` at a time,
-    padded to power-of-two shapes. With `mesh`, rows are sharded over its batch axes
-    (params should already be placed, e.g. with `SAMPLING_RULES`).
-    """
+    after `max_new_tokens`; with a `tokenizer`, only ids it can decode are sampled.
+    Prompts run `batch_size` at a time, longest first, padded to power-of-two shapes;
+    with `mesh`, rows are sharded over its batch axes (params placed, `SAMPLING_RULES`)."""
     stops = _Stops(stop_ids, stop_strings, tokenizer, stop_check_every)
     _check_args(
         config,
