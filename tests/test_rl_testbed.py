@@ -20,8 +20,12 @@ wreck the answers (a quarter on topic).
 
 Measured on the 2 CPU cores with seed 0 (while other jobs shared them): base marker rate
 0.48 (120 samples), the responses' share on topic 0.81; the reward model ranks all 60
-held-out (clean, marked) pairs right. The base model trains in 45-150 s (the load decides),
-the reward model in about 20 s; per-objective numbers are in each test's docstring.
+held-out (clean, marked) pairs right. The base model trains in 80-150 s (the load decides),
+the reward model in about 20 s; per-objective numbers are in each test's docstring (the
+seconds are those of the RL run inside this module, whose sampling programs are compiled
+by the first; a fresh process adds 10-20 s). The runs are deterministic: the same numbers
+every time. With `trainer.seed=1` (other rollouts, same base model) every objective gets
+to 0-0.017 too, KL 0.36-0.94. The slow tests take 4-5 minutes in all.
 
 `test_judge_with_another_tokenizer` is fast and runs by default: a policy with a byte-level
 BPE tokenizer and a ChatML template, judged by a model with a byte-fallback BPE tokenizer
@@ -127,7 +131,10 @@ def rm_dir(base_dir, tmp_path_factory):
         "optimizer.warmup_steps=3",
         *QUIET,
     ]
+    start = time.perf_counter()
     run(compose(overrides), tmp / "rm")
+    base_seconds = json.loads((base_dir / "testbed.json").read_text())["train_seconds"]
+    print(f"base model: {base_seconds:.0f} s, reward model: {time.perf_counter() - start:.0f} s")
     return tmp / "rm"
 
 
@@ -197,7 +204,7 @@ def test_ppo_with_reward_model(base_dir, base_rate, rm_dir, prompts_file, tok, t
     """ppo, 4 samples per prompt, 64 sequences a rollout in 2 updates of 32, 20 steps
     (10 rollouts), value model from the reward model. Measured (seed 0): marker rate
     0.48 -> 0.0, KL of the last 5 rollouts 1.17, on topic 0.69, RM score 0.19 -> 2.6;
-    about 75 s (30 steps: 105 s, no better)."""
+    25-42 s (the value model's own step is the extra)."""
     run_dir, seconds, rows = _rl(
         tmp_path, base_dir, prompts_file, "ppo", f"reward_model={rm_dir}",
         "rollout.samples=4", "trainer.batch_size=32", "trainer.steps=20",
@@ -210,7 +217,7 @@ def test_ppo_with_reward_model(base_dir, base_rate, rm_dir, prompts_file, tok, t
 def test_rloo_with_reward_model(base_dir, base_rate, rm_dir, prompts_file, tok, tmp_path):
     """rloo, 4 samples per prompt, 64 sequences a rollout in 2 updates of 32, 30 steps
     (15 rollouts). Measured (seed 0): marker rate 0.48 -> 0.008, KL of the last 5
-    rollouts 0.66, on topic 0.68, RM score 0.19 -> 2.6; about 60 s."""
+    rollouts 0.66, on topic 0.68, RM score 0.19 -> 2.6; 14-29 s."""
     run_dir, seconds, rows = _rl(
         tmp_path, base_dir, prompts_file, "rloo", f"reward_model={rm_dir}",
         "rollout.samples=4", "trainer.batch_size=32", "trainer.steps=30",
@@ -223,7 +230,7 @@ def test_rloo_with_reward_model(base_dir, base_rate, rm_dir, prompts_file, tok, 
 def test_grpo_with_reward_model(base_dir, base_rate, rm_dir, prompts_file, tok, tmp_path):
     """grpo, 4 samples per prompt, 64 sequences a rollout in 2 updates of 32, 30 steps
     (15 rollouts). Measured (seed 0): marker rate 0.48 -> 0.017, KL of the last 5
-    rollouts 0.77, on topic 0.65, RM score 0.19 -> 2.6; 60-85 s."""
+    rollouts 0.77, on topic 0.65, RM score 0.19 -> 2.6; 19-27 s."""
     run_dir, seconds, rows = _rl(
         tmp_path, base_dir, prompts_file, "grpo", f"reward_model={rm_dir}",
         "rollout.samples=4", "trainer.batch_size=32", "trainer.steps=30",
@@ -237,7 +244,7 @@ def test_online_dpo_with_the_base_model_as_judge(base_dir, base_rate, prompts_fi
     """online_dpo, the base model as the AI judge (both orders, no few-shot examples),
     soft labels, 16 pairs a rollout in 2 updates of 8, 30 steps (15 rollouts). Measured
     (seed 0): marker rate 0.48 -> 0.017, KL of the last 5 rollouts 0.61, on topic 0.71;
-    about 55 s."""
+    19-22 s."""
     cons = T.write_constitution(tmp_path / "constitution.yaml")
     run_dir, seconds, rows = _rl(
         tmp_path, base_dir, prompts_file, "online_dpo", f"reward.judge={base_dir}",
@@ -250,24 +257,10 @@ def test_online_dpo_with_the_base_model_as_judge(base_dir, base_rate, prompts_fi
 # ----- a judge with another tokenizer (fast, default run) -----------------------------
 
 
-def test_judge_with_another_tokenizer(tmp_path):
-    """grpo from a random tiny policy whose tokenizer is the Qwen2-shaped byte-level BPE
-    of `tests/hf_fixtures.py` (`data.tokenizer=`, ChatML template), judged by a tiny
-    random Hugging Face Llama whose tokenizer is the Llama-2-shaped byte-fallback BPE
-    (Human/Assistant format): each source re-encodes the text in its own tokenizer.
-    The run completes, its judge scores are win probabilities (a ring of 4 per prompt:
-    in [0, 1], each group's mean 1/2), and the judge's pair probabilities are
-    order-symmetric (both orders asked and averaged)."""
-    from hf_fixtures import llama2_dir, qwen2_dir, tiny_model_dir
-
+def _grpo_with_judge(tmp_path: Path, policy_tok: Path, judge: Path):
+    """One grpo update of a random tiny policy with tokenizer `policy_tok`, judged by
+    `judge`; the run's saved config (its judge a reward source to rebuild)."""
     from jaxcai import chat
-    from jaxcai.rl.rewards import JudgeReward, reward_source
-
-    policy_tok = qwen2_dir(tmp_path / "qwen2")
-    judge = llama2_dir(tmp_path / "judge")
-    judge_vocab = chat.load(judge).tokenizer.vocab_size
-    tiny_model_dir(judge, "Llama", judge_vocab, max_position_embeddings=512)
-    assert chat.load(policy_tok).kind == "template" and chat.load(judge).kind != "template"
 
     prompts = T.write_prompts(tmp_path / "prompts.jsonl", T.train_prompts()[:8])
     cons = T.write_constitution(tmp_path / "constitution.yaml")
@@ -284,34 +277,78 @@ def test_judge_with_another_tokenizer(tmp_path):
         "rollout.samples=4",
         "rollout.max_new_tokens=12",
         "trainer.batch_size=16",
-        "trainer.steps=2",
+        "trainer.steps=1",
         "trainer.checkpoint_every=0",
         *QUIET,
     ]
-    cfg = compose(overrides)
-    run(cfg, tmp_path / "run")
-
+    run(compose(overrides), tmp_path / "run")
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
-    assert saved.data.chat == "template"
+    assert saved.data.chat == "template"  # the policy's ChatML
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     rollouts = [r for r in rows if "objective/scores" in r]
-    assert len(rollouts) == 2  # one update per rollout of 16 sequences
-    for r in rollouts:
-        assert r["objective/scores"] == pytest.approx(0.5, abs=1e-5)  # the ring's mean
-        assert np.isfinite(r["objective/kl"]) and r["rollout/response_length"] > 0
-    config, params = load_model(tmp_path / "run")  # the final policy, in its own tokenizer
-    assert (
-        Tokenizer.load(tmp_path / "run" / "tokenizer").vocab_size
-        == chat.load(policy_tok).tokenizer.vocab_size
-    )
+    assert len(rollouts) == 1  # one update: one rollout of 16 sequences
+    # The ring's win probabilities average 1/2 in every group.
+    assert rollouts[0]["objective/scores"] == pytest.approx(0.5, abs=1e-5)
+    assert np.isfinite(rollouts[0]["objective/kl"]) and rollouts[0]["rollout/response_length"] > 0
+    load_model(tmp_path / "run")  # the final policy, with its own tokenizer beside it
+    policy_vocab = chat.load(policy_tok).tokenizer.vocab_size
+    assert Tokenizer.load(tmp_path / "run" / "tokenizer").vocab_size == policy_vocab
+    return saved
 
-    # The judge itself: scores of texts the policy's tokenizer wrote, in [0, 1].
+
+def _judge_checks(saved) -> np.ndarray:
+    """The run's judge rebuilt as its reward source: ring scores in [0, 1] (mean 1/2) and
+    order-symmetric pair probabilities; returns P(clean better) for 2 (clean, marked)
+    pairs (asked in both orders of the pair)."""
+    from jaxcai.rl.rewards import JudgeReward, reward_source
+
     source = reward_source(saved)
     assert isinstance(source, JudgeReward)
-    texts = ["Cats purr when they are happy.", "Cats sleep. BANG", "日本語 🙂", "Dogs wag."]
+    # Text outside the judge tokenizer's corpus too (its byte fallback).
+    texts = ["Cats purr when they are happy.", "Cats sleep for most of the day. BANG",
+             "日本語 🙂", "Cats purr when they are happy. BANG"]  # fmt: skip
     group = [T.train_prompts()[0]] * 4
     scores = source(group, texts, group=4)
     assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1)), scores
     assert scores.mean() == pytest.approx(0.5, abs=1e-5)
-    p = source.prefer(group[:2], [(texts[0], texts[1]), (texts[1], texts[0])], [0, 0])
+    pairs = [(texts[0], texts[1]), (texts[1], texts[0]), (texts[0], texts[3])]
+    p = source.prefer(group[:3], pairs, [0, 0, 1])
     assert np.all((p > 0) & (p < 1)) and p[0] + p[1] == pytest.approx(1.0, abs=1e-5), p
+    return np.asarray([p[0], p[2]])
+
+
+def test_judge_with_another_tokenizer(tmp_path):
+    """grpo from a random tiny policy whose tokenizer is the Qwen2-shaped byte-level BPE
+    of `tests/hf_fixtures.py` (`data.tokenizer=`, ChatML template), judged by a tiny
+    random Hugging Face checkpoint whose tokenizer is the Llama-2-shaped byte-fallback BPE
+    (Human/Assistant format): each source re-encodes the text in its own tokenizer. The
+    run completes, its judge scores are win probabilities (a ring of 4 per prompt: in
+    [0, 1], each group's mean 1/2), and the judge's pair probabilities are
+    order-symmetric (both orders asked and averaged). Measured 27-34 s on the 2 cores
+    shared with other jobs (almost all of it compilation)."""
+    import jax
+    from hf_fixtures import llama2_dir, qwen2_dir
+
+    from jaxcai import chat, model
+    from jaxcai.hf import save_pretrained
+    from jaxcai.model_config import ModelConfig
+
+    policy_tok = qwen2_dir(tmp_path / "qwen2")
+    judge = llama2_dir(tmp_path / "judge")  # tokenizer files, then the weights beside them
+    judge_config = ModelConfig.tiny(vocab_size=chat.load(judge).tokenizer.vocab_size)
+    save_pretrained(judge, judge_config, model.init_params(judge_config, jax.random.key(1)),
+                    progress=False)  # fmt: skip
+    assert chat.load(judge).kind != "template"
+    _judge_checks(_grpo_with_judge(tmp_path, policy_tok, judge))
+
+
+@pytest.mark.slow
+def test_base_model_judges_a_policy_with_another_tokenizer(base_dir, tmp_path):
+    """As above with the testbed's base model (the bundled sentencepiece tokenizer) as
+    the judge of the Qwen2-tokenized policy: it also prefers the clean response of each
+    (clean, marked) pair (measured P >= 0.999); 18-24 s."""
+    from hf_fixtures import qwen2_dir
+
+    policy_tok = qwen2_dir(tmp_path / "qwen2")
+    p_clean = _judge_checks(_grpo_with_judge(tmp_path, policy_tok, base_dir))
+    assert np.all(p_clean > 0.9), p_clean
