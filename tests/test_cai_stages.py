@@ -50,9 +50,10 @@ def test_the_builtin_graph_runs_in_pipeline_order():
         "feedback",
         "rm",
         "dpo",
+        "rl",
         "eval",
     ]
-    assert stages.STAGES == ("critique", "sft", "feedback", "rm", "dpo", "eval")
+    assert stages.STAGES == ("critique", "sft", "feedback", "rm", "dpo", "rl", "eval")
     trained = {s.name: s for s in stages.registered() if isinstance(s, stages.TrainStage)}
     assert {n: (s.objective, s.needs) for n, s in trained.items()} == {
         "sft": ("sft", ("critique", "initial")),
@@ -66,6 +67,7 @@ def test_the_builtin_graph_runs_in_pipeline_order():
         "feedback": "dataset",
         "rm": "model",
         "dpo": "model",
+        "rl": "model",
         "eval": "results",
     }
 

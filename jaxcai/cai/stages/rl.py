@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from jaxcai.cai import io
 from jaxcai.cai.context import RunContext
-from jaxcai.cai.stages.base import PipelineError, register
-from jaxcai.cai.stages.train import TrainStage, train_config
+from jaxcai.cai.stages.base import PipelineError, Stage, register
+from jaxcai.cai.stages.train import train_config, train_stage
 from jaxcai.rl.objectives import RL_OBJECTIVES
 
 __all__ = ["RLStage", "rl_config"]
@@ -66,7 +66,7 @@ def rl_config(context: RunContext, data: str, inputs: dict[str, str]) -> DictCon
 
 
 @dataclasses.dataclass
-class RLStage(TrainStage):
+class RLStage(Stage):
     """Online RL of the SL-CAI policy (see the module docstring)."""
 
     def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -80,7 +80,8 @@ class RLStage(TrainStage):
         if jax.process_index() == 0:
             io.write_jsonl(data, [{"prompt": p} for p in prompts])
         _barrier()
-        return self.train(context, rl_config(context, str(data), inputs), str(data), inputs["sft"])
+        cfg = rl_config(context, str(data), inputs)
+        return train_stage(context, self.name, cfg, str(data), inputs["sft"])
 
 
 def _barrier() -> None:

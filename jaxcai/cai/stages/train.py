@@ -16,7 +16,7 @@ from jaxcai.cai.provenance import dataset_provenance, model_card, plain
 from jaxcai.cai.stages.base import Stage, get, register
 from jaxcai.config import ConfigError, compose
 
-__all__ = ["TrainStage", "train_config"]
+__all__ = ["TrainStage", "train_config", "train_stage"]
 
 # the `data` config group a training stage composes, by its objective's data kind
 DATA_GROUP = {"text": "pretrain", "sft": "sft", "preference": "preferences"}
@@ -82,31 +82,32 @@ class TrainStage(Stage):
 
     def run(self, context: RunContext, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
         data, init_from = (inputs[n] for n in self.needs)
-        return self.train(context, train_config(context, self.name, data, init_from), data,
-                          init_from)  # fmt: skip
+        cfg = train_config(context, self.name, data, init_from)
+        return train_stage(context, self.name, cfg, data, init_from)
 
-    def train(
-        self, context: RunContext, cfg: DictConfig, data: str, init_from: str
-    ) -> tuple[str, dict[str, Any]]:
-        """Run `jaxcai-train` with `cfg` in the stage's directory; write its provenance
-        and model card."""
-        from jaxcai.loop import run as train
 
-        out = context.stage_dir(self.name)
-        summary = train(cfg, out)
-        provenance = context.provenance(
-            self.name,
-            data=data,
-            data_provenance=dataset_provenance(data),
-            init_from=init_from,
-            objective=plain(cfg.objective),
-            trainer=plain(cfg.trainer),
-            optimizer=plain(cfg.optimizer),
-        )
-        if jax.process_index() == 0:
-            io.write_json(out / "provenance.json", provenance)
-            (out / "MODEL_CARD.md").write_text(model_card(self.name, provenance, summary))
-        return str(out), summary
+def train_stage(
+    context: RunContext, stage: str, cfg: DictConfig, data: str, init_from: str
+) -> tuple[str, dict[str, Any]]:
+    """Run `jaxcai-train` with `cfg` in `stage`'s directory; write its provenance and
+    model card; return the run's directory and summary."""
+    from jaxcai.loop import run as train
+
+    out = context.stage_dir(stage)
+    summary = train(cfg, out)
+    provenance = context.provenance(
+        stage,
+        data=data,
+        data_provenance=dataset_provenance(data),
+        init_from=init_from,
+        objective=plain(cfg.objective),
+        trainer=plain(cfg.trainer),
+        optimizer=plain(cfg.optimizer),
+    )
+    if jax.process_index() == 0:
+        io.write_json(out / "provenance.json", provenance)
+        (out / "MODEL_CARD.md").write_text(model_card(stage, provenance, summary))
+    return str(out), summary
 
 
 SFT = register(TrainStage.of("sft", *WIRING["sft"]))
