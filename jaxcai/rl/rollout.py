@@ -5,7 +5,8 @@ the end of a prompt that would not leave room for `max_new_tokens` (and the stop
 and samples through `jaxcai.sample.generate` on the training mesh, with the params the
 train step updates (no copy to another engine). `rows` turns the sampled ids into the
 rows the train step reads: `tokens` / `targets` shifted by one, `mask` on the response
-tokens (and the stop token a response ended with, so the policy learns to stop),
+tokens (and the format's stop id after a response that ended on a stop id or a stop
+string, so the policy learns to stop),
 `segment_ids` on the real tokens. `device_map` runs a per-row function (log-probs,
 values) over such rows on the mesh, a micro-batch at a time.
 """
@@ -23,10 +24,11 @@ from jaxcai.chat import ChatFormat, messages_from_transcript
 from jaxcai.data.batches import data_shard, from_local_rows
 from jaxcai.sample import generate, keep_end
 from jaxcai.sample.chat import context_ids
+from jaxcai.sample.device import STOP_ID, STOP_STRING
 
 __all__ = ["Samples", "device_map", "rows", "sample"]
 
-STOP_ID = "stop_id"
+ENDED = (STOP_ID, STOP_STRING)  # the stop reasons that end a turn
 
 
 @dataclasses.dataclass
@@ -79,7 +81,9 @@ def sample(
     stop = fmt.stop_ids[0] if fmt.stop_ids else None
     responses = []
     for tokens, reason in zip(out.tokens, out.stop_reasons, strict=True):
-        ended = reason == STOP_ID and stop is not None
+        # A turn that ended (on a stop id, or on a stop string such as a new Human turn,
+        # which is cut off) ends with the format's stop id, so the policy learns to stop.
+        ended = reason in ENDED and stop is not None
         responses.append(list(tokens) + ([stop] if ended else []))
     k = rc.samples
     return Samples(
