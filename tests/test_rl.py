@@ -236,9 +236,7 @@ def _steps(run_dir) -> list[dict]:
     "objective",
     [
         "grpo",
-        pytest.param("ppo", marks=pytest.mark.slow),
-        pytest.param("rloo", marks=pytest.mark.slow),
-        pytest.param("online_dpo", marks=pytest.mark.slow),
+        pytest.param("ppo", marks=pytest.mark.slow),  # rloo, online_dpo: test_rl_testbed.py
     ],
 )
 def test_each_algorithm_runs_and_reports(objective, tmp_path):

@@ -317,6 +317,7 @@ def _judge_checks(saved) -> np.ndarray:
     return np.asarray([p[0], p[2]])
 
 
+@pytest.mark.slow  # ~25 s: one RL run with two tokenizers
 def test_judge_with_another_tokenizer(tmp_path):
     """grpo from a random tiny policy whose tokenizer is the Qwen2-shaped byte-level BPE
     of `tests/hf_fixtures.py` (`data.tokenizer=`, ChatML template), judged by a tiny
