@@ -234,9 +234,9 @@ def _steps(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize(
     "objective",
-    [
-        "grpo",
-        pytest.param("ppo", marks=pytest.mark.slow),  # rloo, online_dpo: test_rl_testbed.py
+    [  # whole runs: the slow pass (rloo and online_dpo run in test_rl_testbed.py)
+        pytest.param("grpo", marks=pytest.mark.slow),
+        pytest.param("ppo", marks=pytest.mark.slow),
     ],
 )
 def test_each_algorithm_runs_and_reports(objective, tmp_path):
