@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from jaxcai.model_config import ModelConfig
 
-__all__ = ["add_adapters", "combine", "has_adapters", "merge", "split"]
+__all__ = ["add_adapters", "base_config", "combine", "has_adapters", "merge", "split"]
 
 Params = Any
 MARK = "_lora_"
@@ -38,6 +38,11 @@ _NO_LORA = {
 
 def _is_adapter(path: tuple[str, ...]) -> bool:
     return MARK in path[-1]
+
+
+def base_config(config: ModelConfig) -> ModelConfig:
+    """`config` without adapters: the model the frozen base weights alone make up."""
+    return config.replace(**_NO_LORA)
 
 
 def has_adapters(params: Params) -> bool:
@@ -98,7 +103,7 @@ def merge(config: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     """Fold every adapter into its kernel, W + (alpha / r) * A @ B (in float32, stored in
     the kernel's dtype), and drop the adapters: the same function as a plain model.
     Returns the config without LoRA too. Params without adapters come back unchanged."""
-    plain = config.replace(**_NO_LORA)
+    plain = base_config(config)
     if not has_adapters(params):
         return plain, params
     scale = config.lora_alpha / config.lora_rank

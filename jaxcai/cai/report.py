@@ -25,6 +25,17 @@ def _table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, run_dir: Path, name: str) -> str:
+    """Write `fig` to `plots/name` under `run_dir`; the path relative to `run_dir`."""
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "plots" / name
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path.relative_to(run_dir))
+
+
 def _plot_training(run_dir: Path, stage: str) -> str | None:
     """Train (and eval) loss against step; the PNG's path relative to `run_dir`."""
     import matplotlib
@@ -46,11 +57,7 @@ def _plot_training(run_dir: Path, stage: str) -> str | None:
     ax.set_title(f"{stage}")
     ax.legend()
     fig.tight_layout()
-    path = run_dir / "plots" / f"{stage}_loss.png"
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path.relative_to(run_dir))
+    return _save(fig, run_dir, f"{stage}_loss.png")
 
 
 def _plot_rl(run_dir: Path, stage: str) -> str | None:
@@ -75,11 +82,7 @@ def _plot_rl(run_dir: Path, stage: str) -> str | None:
     bottom.set_ylabel("KL to reference")
     bottom.set_xlabel("step")
     fig.tight_layout()
-    path = run_dir / "plots" / f"{stage}_reward_kl.png"
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path.relative_to(run_dir))
+    return _save(fig, run_dir, f"{stage}_reward_kl.png")
 
 
 def _plot_rewards(run_dir: Path) -> str | None:
@@ -102,11 +105,7 @@ def _plot_rewards(run_dir: Path) -> str | None:
     ax.set_ylabel("responses")
     ax.legend()
     fig.tight_layout()
-    path = run_dir / "plots" / "eval_rewards.png"
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path.relative_to(run_dir))
+    return _save(fig, run_dir, "eval_rewards.png")
 
 
 def _eval_section(results: dict[str, Any]) -> list[str]:

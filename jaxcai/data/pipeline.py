@@ -57,6 +57,8 @@ __all__ = [
     "Layout",
     "encode_example",
     "pad_rows",
+    "pad_sequences",
+    "response_sequence",
     "train_iterator",
 ]
 
@@ -116,7 +118,9 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _sequence(prompt_ids: list[int], response_ids: list[int]) -> dict[str, np.ndarray]:
+def response_sequence(prompt_ids: list[int], response_ids: list[int]) -> dict[str, np.ndarray]:
+    """One unpadded sequence: `tokens` / `targets` shifted by one, `mask` on the targets
+    that are response ids."""
     ids = np.asarray(prompt_ids + response_ids, np.int32)
     mask = np.zeros(len(ids) - 1, np.int32)
     mask[len(prompt_ids) - 1 :] = 1
@@ -156,7 +160,7 @@ def encode_response(
         keep = min(len(prompt_ids), max(budget - len(response_ids), layout.prompt_budget))
         prompt_ids = [*prompt_ids[:lead], *prompt_ids[len(prompt_ids) - keep + lead :]]
         response_ids = response_ids[: budget - len(prompt_ids)]
-    return _sequence(prompt_ids, response_ids)
+    return response_sequence(prompt_ids, response_ids)
 
 
 def encode_example(
@@ -196,7 +200,7 @@ def sequence_length(example: dict[str, Any]) -> int:
 # ----- rows ---------------------------------------------------------------------------
 
 
-def _pad_sequences(seqs: Sequence[dict[str, np.ndarray]], length: int, pad_id: int):
+def pad_sequences(seqs: Sequence[dict[str, np.ndarray]], length: int, pad_id: int):
     """Unpacked sequences -> padded rows with one segment each."""
     n = len(seqs)
     out = {
@@ -223,10 +227,10 @@ def pad_rows(
     if length is None:
         length = layout.row_length(max(sequence_length(e) for e in examples))
     if "tokens" in examples[0]:  # single sequences (a pair's sides are nested)
-        rows = _pad_sequences(examples, length, pad_id)
+        rows = pad_sequences(examples, length, pad_id)
     else:
         rows = {
-            side: _pad_sequences([e[side] for e in examples], length, pad_id)
+            side: pad_sequences([e[side] for e in examples], length, pad_id)
             for side in ("chosen", "rejected")
         }
         for key in ("p_chosen", "ref_chosen_logps", "ref_rejected_logps"):

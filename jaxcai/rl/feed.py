@@ -59,7 +59,7 @@ class RolloutFeed:
         self.reward = reward_source(cfg, mesh=tr.mesh, rules=tr.rules)
         params = ctx.state.params
         self.lora = lora.has_adapters(params)
-        ref_config = self.model.replace(**lora._NO_LORA) if self.lora else self.model
+        ref_config = lora.base_config(self.model) if self.lora else self.model
         # Under LoRA the reference is the state's own base weights (read at each rollout,
         # never copied); otherwise a frozen copy of the initial params.
         self.ref_params = None if self.lora else jax.tree_util.tree_map(jnp.copy, params)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxcai.chat import ChatFormat, messages_from_transcript
 from jaxcai.data.batches import data_shard, from_local_rows
+from jaxcai.data.pipeline import pad_sequences, response_sequence
 from jaxcai.sample import generate, keep_end
 from jaxcai.sample.chat import context_ids
 from jaxcai.sample.device import STOP_ID, STOP_STRING
@@ -98,26 +99,14 @@ def sample(
 
 
 def rows(samples: Samples, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """`[N, max_len]` training rows of the sampled sequences (`N = P * K`)."""
-    n = len(samples.response_ids)
-    out = {
-        "tokens": np.full((n, max_len), pad_id, np.int32),
-        "targets": np.full((n, max_len), pad_id, np.int32),
-        "mask": np.zeros((n, max_len), np.int32),
-        "segment_ids": np.zeros((n, max_len), np.int32),
-        "positions": np.zeros((n, max_len), np.int32),
-    }
-    for i, (prompt, response) in enumerate(
-        zip(samples.prompt_ids, samples.response_ids, strict=True)
-    ):
-        seq = np.asarray(prompt + response, np.int32)[: max_len + 1]
-        length = len(seq) - 1
-        out["tokens"][i, :length] = seq[:-1]
-        out["targets"][i, :length] = seq[1:]
-        out["mask"][i, len(prompt) - 1 : length] = 1
-        out["segment_ids"][i, :length] = 1
-        out["positions"][i, :length] = np.arange(length)
-    return out
+    """`[N, max_len]` training rows of the sampled sequences (`N = P * K`), laid out as
+    the data pipeline lays out a response (`pad_sequences`); `sample` keeps each prompt
+    short enough that prompt, response and stop id fit."""
+    seqs = [
+        response_sequence(prompt, response)
+        for prompt, response in zip(samples.prompt_ids, samples.response_ids, strict=True)
+    ]
+    return pad_sequences(seqs, max_len, pad_id)
 
 
 def _gather(x: jax.Array) -> np.ndarray:
