@@ -85,13 +85,26 @@ def attention_mask(
     q_seg_BT: Array,
     kv_seg_BS: Array,
     sliding_window: int | None,
+    branches: tuple[Array, Array, Array, Array] | None = None,
 ) -> Array:
-    """[B, 1, T, S] bool: causal by slot, same segment, within the sliding window if any."""
+    """[B, 1, T, S] bool: causal by slot, same segment, within the sliding window if any.
+
+    `branches` = (q_branch_BT, kv_branch_BS, q_pos_BT, kv_pos_BS) marks a packed
+    preference row (`jaxcai.data.pairs`): branch 0 is a pair's shared prompt, 1 and 2 its
+    two responses. A response token sees the shared prompt and its own branch, never the
+    other response; the sliding window then counts positions, not slots (the second
+    response's positions continue from the prompt, not from the first response)."""
     allowed_TS = kv_slots_S[None, :] <= q_slots_T[:, None]
-    if sliding_window is not None:
+    if sliding_window is not None and branches is None:
         allowed_TS &= q_slots_T[:, None] - kv_slots_S[None, :] < sliding_window
-    same_BTS = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-    return (allowed_TS[None] & same_BTS)[:, None]
+    allowed_BTS = allowed_TS[None] & (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])
+    if branches is not None:
+        q_branch, kv_branch, q_pos, kv_pos = branches
+        kv_b = kv_branch[:, None, :]
+        allowed_BTS &= (kv_b == 0) | (kv_b == q_branch[:, :, None])
+        if sliding_window is not None:
+            allowed_BTS &= q_pos[:, :, None] - kv_pos[:, None, :] < sliding_window
+    return allowed_BTS[:, None]
 
 
 def segments_and_positions(

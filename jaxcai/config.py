@@ -110,6 +110,8 @@ class DataConfig:
     pack: bool = True  # sft: pack several examples into each row
     pad: str = "fixed"  # fixed: rows of max_len | bucket: the smallest bucket that fits
     buckets: list[int] | None = None  # bucket lengths; None = powers of two from 64
+    # preference: several pairs per row, each pair's prompt computed once (jaxcai.data.pairs)
+    pack_pairs: bool = True
     shuffle: bool = True
     workers: int = 0  # grain worker processes (0: read in the training process)
     read_threads: int = 2

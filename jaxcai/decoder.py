@@ -44,11 +44,17 @@ def kind_windows(config: ModelConfig) -> tuple[int | None, ...]:
 
 
 def kind_masks(
-    config: ModelConfig, q_slots_T: Array, kv_slots_S: Array, q_seg_BT: Array, kv_seg_BS: Array
+    config: ModelConfig,
+    q_slots_T: Array,
+    kv_slots_S: Array,
+    q_seg_BT: Array,
+    kv_seg_BS: Array,
+    branches: tuple[Array, Array, Array, Array] | None = None,
 ) -> tuple[Array, ...]:
-    """One attention mask [B, 1, T, S] per kind of layer (`kind_windows`)."""
+    """One attention mask [B, 1, T, S] per kind of layer (`kind_windows`); `branches`
+    as in `jaxcai.attention.attention_mask` (packed preference pairs)."""
     return tuple(
-        attention_mask(q_slots_T, kv_slots_S, q_seg_BT, kv_seg_BS, window)
+        attention_mask(q_slots_T, kv_slots_S, q_seg_BT, kv_seg_BS, window, branches)
         for window in kind_windows(config)
     )
 

@@ -22,7 +22,7 @@ from jaxcai import objectives, sharding
 from jaxcai.chat import ChatError, ChatFormat
 from jaxcai.checkpoint import Checkpointer, NoCheckpointError
 from jaxcai.config import ConfigError, validate
-from jaxcai.data.batches import Feed, data_shard
+from jaxcai.data.batches import Feed, data_shard, local_row_slices
 from jaxcai.data.training import training_data
 from jaxcai.hooks import RunContext, TrainingError, default_hooks
 from jaxcai.load import chat_format
@@ -101,7 +101,8 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
     iterator = data.iterator(
         rows_per_batch=t.batch_size // shard_count, seed=t.seed, shard_index=shard_index,
         shard_count=shard_count, shuffle=cfg.data.shuffle, workers=cfg.data.workers,
-        read_threads=cfg.data.read_threads, ref=ref["train"],
+        read_threads=cfg.data.read_threads, ref=ref["train"], groups=t.grad_accum,
+        row_multiple=local_row_slices(t.batch_size, t.grad_accum, trainer.mesh, trainer.rules),
     )  # fmt: skip
     feed = Feed(
         iterator, batch_size=t.batch_size, grad_accum=t.grad_accum, mesh=trainer.mesh,

@@ -106,12 +106,16 @@ def _run(
     tokens_BT: Array,
     segment_ids_BT: Array | None,
     positions_BT: Array | None,
+    branch_BT: Array | None = None,
 ) -> tuple[Array, Array]:
     """The decoder with `head` over a whole batch (causal, same-segment attention), and
     the segment ids it used (defaults filled in)."""
     segment_ids_BT, positions_BT = segments_and_positions(tokens_BT, segment_ids_BT, positions_BT)
     slots_T = jnp.arange(tokens_BT.shape[1])
-    masks = kind_masks(config, slots_T, slots_T, segment_ids_BT, segment_ids_BT)
+    branches = None
+    if branch_BT is not None:
+        branches = (branch_BT, branch_BT, positions_BT, positions_BT)
+    masks = kind_masks(config, slots_T, slots_T, segment_ids_BT, segment_ids_BT, branches)
     out, _ = Decoder(config, head).apply({"params": params}, tokens_BT, positions_BT, masks)
     return out, segment_ids_BT
 
@@ -123,13 +127,16 @@ def forward(
     *,
     segment_ids_BT: Array | None = None,
     positions_BT: Array | None = None,
+    branch_BT: Array | None = None,
 ) -> Array:
     """Logits [B, T, V] in float32 for a batch of (optionally packed, padded) sequences.
 
     `segment_ids_BT` (default all ones) keeps packed examples apart, 0 marks padding;
-    `positions_BT` defaults to the index of each token within its segment.
+    `positions_BT` defaults to the index of each token within its segment. `branch_BT`
+    marks packed preference pairs (0 the shared prompt, 1 / 2 the responses; see
+    `jaxcai.attention.attention_mask`); pass their `positions_BT` with it.
     """
-    return _run(config, params, "lm", tokens_BT, segment_ids_BT, positions_BT)[0]
+    return _run(config, params, "lm", tokens_BT, segment_ids_BT, positions_BT, branch_BT)[0]
 
 
 def forward_hidden(
@@ -139,9 +146,10 @@ def forward_hidden(
     *,
     segment_ids_BT: Array | None = None,
     positions_BT: Array | None = None,
+    branch_BT: Array | None = None,
 ) -> Array:
     """The final-normed hidden states [B, T, D] that `forward` multiplies by `lm_head`."""
-    return _run(config, params, "hidden", tokens_BT, segment_ids_BT, positions_BT)[0]
+    return _run(config, params, "hidden", tokens_BT, segment_ids_BT, positions_BT, branch_BT)[0]
 
 
 def lm_head(config: ModelConfig, params: Params) -> Array:
@@ -156,10 +164,11 @@ def value_forward(
     *,
     segment_ids_BT: Array | None = None,
     positions_BT: Array | None = None,
+    branch_BT: Array | None = None,
 ) -> Array:
     """The reward head's scalar at every position [B, T] (a value model: position `t`
     values the state after reading tokens `0..t`)."""
-    return _run(config, params, "reward", tokens_BT, segment_ids_BT, positions_BT)[0]
+    return _run(config, params, "reward", tokens_BT, segment_ids_BT, positions_BT, branch_BT)[0]
 
 
 def reward_forward(
@@ -169,6 +178,7 @@ def reward_forward(
     *,
     segment_ids_BT: Array | None = None,
     positions_BT: Array | None = None,
+    branch_BT: Array | None = None,
 ) -> Array:
     """Scalar rewards [B] read at the last non-padding token of each row.
 
@@ -176,7 +186,7 @@ def reward_forward(
     params with the head swapped by `to_reward_params`).
     """
     scores_BT, segment_ids_BT = _run(
-        config, params, "reward", tokens_BT, segment_ids_BT, positions_BT
+        config, params, "reward", tokens_BT, segment_ids_BT, positions_BT, branch_BT
     )
     slots_T = jnp.arange(tokens_BT.shape[1])
     last_B = jnp.max(jnp.where(segment_ids_BT != 0, slots_T, -1), axis=1)

@@ -37,11 +37,12 @@ from jaxcai.losses import (
     sft_loss_from_logps,
     token_logps,
 )
-from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward
+from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward, value_forward
 from jaxcai.model_config import ModelConfig
 
 __all__ = [
     "COUNT_METRICS",
+    "PACKED_EXTRA",
     "ROW_KEYS",
     "Objective",
     "ObjectiveError",
@@ -56,6 +57,7 @@ __all__ = [
 Batch = dict[str, Any]
 Loss = Callable[[ModelConfig, Any, Params, Batch, Params | None], tuple[jax.Array, dict]]
 ROW_KEYS = ("tokens", "targets", "mask", "segment_ids", "positions")  # one [rows, T] each
+PACKED_EXTRA = ("branch", "pair")  # packed preference rows (jaxcai.data.pairs)
 COUNT_METRICS = ("tokens", "pairs")  # counts: summed over micro-batches, not averaged
 DATA_KINDS = ("text", "sft", "preference", "prompts")  # prompts: online RL samples its rows
 
@@ -147,15 +149,23 @@ def import_plugins(modules: Iterable[str], key: str = "plugins") -> None:
 # ----- batch layout ---------------------------------------------------------------------
 
 
-def batch_layout(objective: Objective, oc: Any, rows: int, length: int) -> Batch:
+def batch_layout(
+    objective: Objective, oc: Any, rows: int, length: int, packed_rows: int | None = None
+) -> Batch:
     """Shapes and dtypes (`jax.ShapeDtypeStruct`s) of one micro-batch of `rows` rows
-    (pairs for pair objectives) of `length` tokens: the one statement of a batch's keys."""
+    (pairs for pair objectives) of `length` tokens: the one statement of a batch's keys.
+    With `packed_rows`, the pairs are packed (`jaxcai.data.pairs`) into that many rows
+    of `length` tokens."""
     ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
     per_row = jax.ShapeDtypeStruct((rows,), jnp.float32)
     extra = objective.extra_layout(oc, rows, length) if objective.extra_layout else {}
     if not objective.pairs:
         return {**{k: ids for k in ROW_KEYS}, "weight": per_row, **extra}
-    batch = {"chosen": {k: ids for k in ROW_KEYS}, "rejected": {k: ids for k in ROW_KEYS}}
+    if packed_rows is not None:
+        packed_ids = jax.ShapeDtypeStruct((packed_rows, length), jnp.int32)
+        batch = {"packed": {k: packed_ids for k in (*ROW_KEYS, *PACKED_EXTRA)}}
+    else:
+        batch = {"chosen": {k: ids for k in ROW_KEYS}, "rejected": {k: ids for k in ROW_KEYS}}
     batch["p_chosen"] = per_row
     if objective.reference_mode(oc) == "precompute":
         batch["ref_chosen_logps"] = per_row
@@ -166,8 +176,10 @@ def batch_layout(objective: Objective, oc: Any, rows: int, length: int) -> Batch
 
 def check_batch(objective: Objective, oc: Any, batch: Batch, where: str = "batch") -> None:
     """Raise `ObjectiveError` when `batch` lacks a key of the objective's layout or holds
-    one it does not have (`positions` may be absent: the model then counts positions)."""
-    want = batch_layout(objective, oc, 1, 1)
+    one it does not have (`positions` may be absent: the model then counts positions).
+    Pair batches may be packed (`jaxcai.data.pairs`)."""
+    packed = objective.pairs and "packed" in batch
+    want = batch_layout(objective, oc, 1, 1, packed_rows=1 if packed else None)
 
     def keys(tree: Batch, prefix: str = "") -> set[str]:
         out = set()
@@ -212,15 +224,57 @@ def token_logps_of(
     `mc.logits_chunk` positions at a time (`losses.chunked_token_logps`)."""
     if mc.logits_chunk:
         hidden = forward_hidden(mc, params, **inputs)
-        return chunked_token_logps(hidden, lm_head(mc, params), targets_BT, mc.logits_chunk)
+        head_DV, cap = lm_head(mc, params), mc.final_logit_softcap
+        return chunked_token_logps(hidden, head_DV, targets_BT, mc.logits_chunk, cap)
     logits = forward(mc, params, **inputs)
     return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
 
 
+def _packed_inputs(rows: Batch) -> dict[str, jax.Array]:
+    """Model inputs of packed pair rows: the branches shape the attention mask."""
+    return {
+        "tokens_BT": rows["tokens"],
+        "segment_ids_BT": rows["segment_ids"],
+        "positions_BT": rows["positions"],
+        "branch_BT": rows["branch"],
+    }
+
+
+def _per_pair(values_BT: jax.Array, where_BT: jax.Array, pair_BT: jax.Array, n: int):
+    """Sum of `values_BT` over each pair's tokens where `where_BT` [n]."""
+    values = jnp.where(where_BT, values_BT, 0).reshape(-1)
+    return jax.ops.segment_sum(values, pair_BT.reshape(-1), num_segments=n)
+
+
 def pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Sequence log-probs and response token counts of chosen then rejected rows."""
+    """Sequence log-probs and response token counts of chosen then rejected [2 * pairs],
+    from unpacked rows or packed ones (one forward pass either way)."""
+    if "packed" in batch:
+        rows, n = batch["packed"], batch["weight"].shape[0]
+        logps, _ = token_logps_of(mc, params, _packed_inputs(rows), rows["targets"])
+        sides = [(rows["mask"] != 0) & (rows["branch"] == b) for b in (1, 2)]
+        sums = [_per_pair(logps, side, rows["pair"], n) for side in sides]
+        counts = [_per_pair(jnp.ones_like(logps), side, rows["pair"], n) for side in sides]
+        return jnp.concatenate(sums), jnp.concatenate(counts)
     logps, _ = token_logps_of(mc, params, model_inputs(batch, pair=True), _pair(batch, "targets"))
     return sequence_logps_from_logps(logps, _pair(batch, "mask"))
+
+
+def pair_rewards(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """The reward head's scalar for chosen and for rejected [pairs] each, read at each
+    side's last token (unpacked rows or packed ones)."""
+    if "packed" not in batch:
+        return jnp.split(reward_forward(mc, params, **model_inputs(batch, pair=True)), 2)
+    rows, n = batch["packed"], batch["weight"].shape[0]
+    scores_BT = value_forward(mc, params, **_packed_inputs(rows))
+    slots_BT = jnp.arange(scores_BT.size, dtype=jnp.int32).reshape(scores_BT.shape)
+    real_BT = rows["segment_ids"] > 0
+    out = []
+    for b in (1, 2):
+        where = jnp.where(real_BT & (rows["branch"] == b), slots_BT, -1).reshape(-1)
+        last = jax.ops.segment_max(where, rows["pair"].reshape(-1), num_segments=n)
+        out.append(scores_BT.reshape(-1)[jnp.maximum(last, 0)])
+    return out[0], out[1]
 
 
 def _soft_label(oc: Any, batch: Batch) -> jax.Array | None:
@@ -239,8 +293,7 @@ def rm_loss(mc: ModelConfig, oc: Any, params: Params, batch: Batch, ref_params=N
         # Without centering the loss is blind to a shift of all rewards: the bias has an
         # exactly zero gradient, and Adam would otherwise amplify rounding noise into steps.
         params = {**params, "reward_bias": jax.lax.stop_gradient(params["reward_bias"])}
-    rewards = reward_forward(mc, params, **model_inputs(batch, pair=True))
-    chosen, rejected = jnp.split(rewards, 2)
+    chosen, rejected = pair_rewards(mc, params, batch)
     return reward_loss(
         chosen,
         rejected,

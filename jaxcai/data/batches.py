@@ -18,7 +18,17 @@ from jax.sharding import Mesh
 from jaxcai.data.pipeline import EMPTY, repad
 from jaxcai.sharding import DEFAULT_RULES, Rules, named_sharding
 
-__all__ = ["EMPTY", "Feed", "data_shard", "eval_index_batches", "from_local_rows", "global_batch"]
+__all__ = [
+    "EMPTY",
+    "Feed",
+    "add_rows",
+    "data_shard",
+    "eval_index_batches",
+    "from_local_rows",
+    "global_batch",
+    "local_row_slices",
+    "local_tokens",
+]
 
 
 class Rows(Protocol):
@@ -62,6 +72,16 @@ def data_shard(
     return start // size, shape[1] // size
 
 
+def local_row_slices(
+    batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> int:
+    """How many distinct row slices of a micro-batch this process's devices hold: packed
+    rows (`jaxcai.data.pairs`) come in a multiple of it, so every device gets whole rows."""
+    shape = (grad_accum, batch_size // grad_accum, 1)
+    index_map = batch_sharding(shape, mesh, rules).addressable_devices_indices_map(shape)
+    return len({idx[1].indices(shape[1])[:2] for idx in index_map.values()})
+
+
 def from_local_rows(
     local: dict[str, Any],
     batch_size: int,
@@ -70,11 +90,13 @@ def from_local_rows(
     rules: Rules = DEFAULT_RULES,
 ) -> dict[str, Any]:
     """This process's rows (`[A * r, ...]`, from its `data_shard`) -> the global
-    `[A, B/A, ...]` batch on `mesh`."""
+    `[A, B/A, ...]` batch on `mesh`. Packed pair rows (`local["packed"]`, `[A * R, T]`)
+    become `[A, R * shards, T]`: every process holds the same number of rows."""
+    shards = batch_size // (len(local["weight"]) or 1)
 
     def leaf(x: np.ndarray) -> jax.Array:
         part = x.reshape(grad_accum, -1, *x.shape[1:])
-        full = (grad_accum, batch_size // grad_accum, *part.shape[2:])
+        full = (grad_accum, part.shape[1] * shards, *part.shape[2:])
         return jax.make_array_from_process_local_data(batch_sharding(full, mesh, rules), part, full)
 
     return jax.tree_util.tree_map(leaf, local)
@@ -107,22 +129,39 @@ def global_batch(
     return jax.tree_util.tree_map_with_path(leaf, example)
 
 
-def _local_tokens(local: dict[str, Any], pairs: bool) -> int:
-    """Non-padding tokens in this process's rows (both sides of a pair)."""
-    if not pairs:
-        return int((local["segment_ids"] > 0).sum())
-    return int(sum((local[s]["segment_ids"] > 0).sum() for s in ("chosen", "rejected")))
+def local_tokens(local: dict[str, Any]) -> int:
+    """Non-padding tokens in rows: both sides of unpacked pairs, packed pairs' shared
+    prompts once."""
+    sides = [local[k] for k in ("chosen", "rejected", "packed") if k in local] or [local]
+    return int(sum((side["segment_ids"] > 0).sum() for side in sides))
 
 
-def _agree_length(local: dict[str, Any], pad_id: int, pairs: bool) -> dict[str, Any]:
-    """Pad every host's rows to the longest host's (rows of varying, bucketed length)."""
+def _agree_length(local: dict[str, Any], pad_id: int, grad_accum: int) -> dict[str, Any]:
+    """Pad every host's rows to the longest host's (rows of varying, bucketed length),
+    and packed pair rows to the most rows per micro-batch of any host."""
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils
 
-    rows = local["chosen"] if pairs else local
-    length = int(np.max(multihost_utils.process_allgather(np.int32(rows["tokens"].shape[1]))))
-    return repad(local, length, pad_id)
+    rows = local.get("packed", local.get("chosen", local))
+    shape = np.asarray([rows["tokens"].shape[1], rows["tokens"].shape[0] // grad_accum], np.int32)
+    length, count = (int(x) for x in np.max(multihost_utils.process_allgather(shape), axis=0))
+    local = repad(local, length, pad_id)
+    if "packed" in local:
+        local = {**local, "packed": add_rows(local["packed"], count, grad_accum, pad_id)}
+    return local
+
+
+def add_rows(packed: dict[str, np.ndarray], rows: int, groups: int, pad_id: int):
+    """Packed rows `[groups * R, T]` grown to `rows` rows per group with padding rows."""
+
+    def grow(key: str, a: np.ndarray) -> np.ndarray:
+        a = a.reshape(groups, -1, a.shape[-1])
+        value = pad_id if key in ("tokens", "targets") else 0
+        a = np.pad(a, ((0, 0), (0, rows - a.shape[1]), (0, 0)), constant_values=value)
+        return a.reshape(groups * rows, -1)
+
+    return {k: grow(k, v) for k, v in packed.items()}
 
 
 class Feed:
@@ -158,8 +197,8 @@ class Feed:
             self.check(local)
             self.check = None
         if not self.fixed_width:  # bucketed rows: hosts agree on one length
-            local = _agree_length(local, self.pad_id, self.pairs)
-        tokens = _local_tokens(local, self.pairs) * self.shard_count
+            local = _agree_length(local, self.pad_id, self.grad_accum)
+        tokens = local_tokens(local) * self.shard_count
         batch = from_local_rows(local, self.batch_size, self.grad_accum, self.mesh, self.rules)
         return batch, tokens
 

@@ -49,6 +49,7 @@ import grain
 import numpy as np
 
 from jaxcai.chat import ChatError, ChatFormat, as_format, messages_from_transcript
+from jaxcai.data.pairs import SEQ_KEYS, pack_pairs
 from jaxcai.data.records import DataError
 from jaxcai.tokenizer import Tokenizer
 
@@ -62,7 +63,6 @@ __all__ = [
     "train_iterator",
 ]
 
-SEQ_KEYS = ("tokens", "targets", "mask")
 EMPTY = -1  # index of a padding row in an index batch: zero weight, zero loss mask
 
 
@@ -77,6 +77,7 @@ class Layout:
     pack: bool = True  # sft: several examples per row
     pad: str = "fixed"  # fixed | bucket
     buckets: tuple[int, ...] = ()  # bucket lengths; () = powers of two from 64, and max_len
+    pack_pairs: bool = False  # preference: pairs packed with a shared prompt (data.pairs)
 
     def __post_init__(self):
         if self.kind not in ("text", "sft", "preference"):
@@ -100,9 +101,22 @@ class Layout:
         chosen = self.buckets or tuple(2**k for k in range(6, 20) if 2**k < self.max_len)
         return tuple(sorted({b for b in chosen if b < self.max_len} | {self.max_len}))
 
+    def pair_row_lengths(self) -> tuple[int, ...]:
+        """Row lengths of packed pairs: the buckets (powers of two from 64 unless
+        `buckets` are given) up to `2 * max_len`, the longest a packed pair can be."""
+        top = 2 * self.max_len
+        chosen = self.buckets or tuple(2**k for k in range(6, 21) if 2**k < top)
+        return tuple(sorted({b for b in chosen if b < top} | {top}))
+
+    @property
+    def packs_pairs(self) -> bool:
+        return self.kind == "preference" and self.pack_pairs
+
     @property
     def fixed_width(self) -> bool:
         """Whether every batch has rows of `max_len` (packed rows always fill it)."""
+        if self.packs_pairs:
+            return False
         packed = self.kind == "text" or (self.kind == "sft" and self.pack)
         return packed or len(self.bucket_lengths()) == 1
 
@@ -275,6 +289,20 @@ class _Collate:
         return pad_rows(examples, self.layout, self.pad_id)
 
 
+class _PackPairs:
+    """grain batch_fn: encoded pairs -> one packed batch (`jaxcai.data.pairs`)."""
+
+    def __init__(self, layout: Layout, pad_id: int, groups: int, row_multiple: int, offset: int):
+        self.layout, self.pad_id = layout, pad_id
+        self.groups, self.row_multiple, self.offset = groups, row_multiple, offset
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return pack_pairs(
+            examples, lengths=self.layout.pair_row_lengths(), pad_id=self.pad_id,
+            groups=self.groups, row_multiple=self.row_multiple, pair_offset=self.offset,
+        )  # fmt: skip
+
+
 def _sequence_keys(example: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: example[k] for k in SEQ_KEYS}
 
@@ -339,11 +367,16 @@ def train_iterator(
     workers: int = 0,
     read_threads: int = 1,
     ref: dict[str, np.ndarray] | None = None,
+    groups: int = 1,
+    row_multiple: int = 1,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this shard's batches of `rows_per_batch`.
 
     Every host builds the same seeded stream and keeps every `shard_count`-th example,
     starting at `shard_index`, so the shards are disjoint and together cover each epoch.
+    Packed pairs (`layout.pack_pairs`) come as `groups` micro-batches of
+    `rows_per_batch / groups` pairs each, in a multiple of `row_multiple` rows per
+    micro-batch; their pair indices start at this shard's first pair of a micro-batch.
     """
     if len(source) < shard_count:
         raise DataError(f"{len(source)} examples cannot feed {shard_count} data shards")
@@ -367,6 +400,12 @@ def train_iterator(
             shuffle_bins=False,
         )
         it = it.map(_packed_rows).batch(rows_per_batch, batch_fn=_stack_packed)
+    elif layout.packs_pairs:
+        if rows_per_batch % groups:
+            raise ValueError(f"{rows_per_batch} pairs per batch do not split into {groups} groups")
+        offset = shard_index * (rows_per_batch // groups)
+        pack = _PackPairs(layout, pad_id_of(tok), groups, row_multiple, offset)
+        it = it.batch(rows_per_batch, batch_fn=pack)
     else:
         it = it.batch(rows_per_batch, batch_fn=_Collate(layout, pad_id_of(tok)))
     if workers > 0:

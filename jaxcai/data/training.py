@@ -122,6 +122,7 @@ def training_data(cfg: Any, objective: Any, tok: Tokenizer | ChatFormat, seed: i
         pack=cfg.get("pack", True),
         pad=cfg.get("pad", "fixed"),
         buckets=tuple(cfg.get("buckets") or ()),
+        pack_pairs=cfg.get("pack_pairs", False),
     )
     opts = {"fmt": cfg.get("format", "jsonl"), "skip_invalid": cfg.skip_invalid}
     train_ds = open_dataset(cfg.train, kind, key="data.train", **opts)
