@@ -22,6 +22,7 @@ __all__ = [
     "EMPTY",
     "Feed",
     "add_rows",
+    "agree_rows",
     "data_shard",
     "eval_index_batches",
     "from_local_rows",
@@ -92,14 +93,18 @@ def from_local_rows(
     """This process's rows (`[A * r, ...]`, from its `data_shard`) -> the global
     `[A, B/A, ...]` batch on `mesh`. Packed pair rows (`local["packed"]`, `[A * R, T]`)
     become `[A, R * shards, T]`: every process holds the same number of rows."""
-    shards = batch_size // (len(local["weight"]) or 1)
+    rows = next(len(v) for k, v in local.items() if k != "packed" and not isinstance(v, dict))
+    shards = batch_size // rows if "packed" in local else 1
 
-    def leaf(x: np.ndarray) -> jax.Array:
+    def leaf(path, x: np.ndarray) -> jax.Array:
         part = x.reshape(grad_accum, -1, *x.shape[1:])
-        full = (grad_accum, part.shape[1] * shards, *part.shape[2:])
+        per = batch_size // grad_accum
+        if path[0].key == "packed":
+            per = part.shape[1] * shards
+        full = (grad_accum, per, *part.shape[2:])
         return jax.make_array_from_process_local_data(batch_sharding(full, mesh, rules), part, full)
 
-    return jax.tree_util.tree_map(leaf, local)
+    return jax.tree_util.tree_map_with_path(leaf, local)
 
 
 def global_batch(
@@ -136,7 +141,7 @@ def local_tokens(local: dict[str, Any]) -> int:
     return int(sum((side["segment_ids"] > 0).sum() for side in sides))
 
 
-def _agree_length(local: dict[str, Any], pad_id: int, grad_accum: int) -> dict[str, Any]:
+def agree_rows(local: dict[str, Any], pad_id: int, grad_accum: int) -> dict[str, Any]:
     """Pad every host's rows to the longest host's (rows of varying, bucketed length),
     and packed pair rows to the most rows per micro-batch of any host."""
     if jax.process_count() == 1:
@@ -197,7 +202,7 @@ class Feed:
             self.check(local)
             self.check = None
         if not self.fixed_width:  # bucketed rows: hosts agree on one length
-            local = _agree_length(local, self.pad_id, self.grad_accum)
+            local = agree_rows(local, self.pad_id, self.grad_accum)
         tokens = local_tokens(local) * self.shard_count
         batch = from_local_rows(local, self.batch_size, self.grad_accum, self.mesh, self.rules)
         return batch, tokens

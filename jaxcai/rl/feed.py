@@ -27,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcai import lora, objectives
-from jaxcai.data.batches import data_shard, from_local_rows
+from jaxcai.data.batches import (
+    agree_rows,
+    data_shard,
+    from_local_rows,
+    local_row_slices,
+    local_tokens,
+)
+from jaxcai.data.pairs import pack_pairs, unpad_pairs
 from jaxcai.hooks import Hook, RunContext, TrainingError
 from jaxcai.rl.algorithms import Scored, rollout_metrics, targets
 from jaxcai.rl.prompts import RolloutState, open_prompts
@@ -162,13 +169,27 @@ class RolloutFeed:
         index, count = self.shard
         local = jax.tree_util.tree_map(lambda x: _local_rows(x, self.grad_accum, index, count),
                                        rows_)  # fmt: skip
-        sides = [rows_["chosen"], rows_["rejected"]] if self.objective.pairs else [rows_]
-        tokens = int(sum((side["segment_ids"] > 0).sum() for side in sides))
+        if self.objective.pairs and self.cfg.data.get("pack_pairs", False):
+            local = self._packed(local, index)
+        tokens = local_tokens(local) * count
         if self.cycle:
             self.cycle["update_tokens"] += tokens
         batch = from_local_rows(local, self.batch_size, self.grad_accum, self.mesh, self.rules)
         self.last_batch = batch
         return batch, tokens
+
+    def _packed(self, local: dict[str, Any], index: int) -> dict[str, Any]:
+        """This process's pairs packed with their shared prompts (`jaxcai.data.pairs`),
+        the same number of rows on every process."""
+        length = local["chosen"]["tokens"].shape[1]
+        lengths = tuple(2**k for k in range(6, 21) if 2**k < 2 * length) + (2 * length,)
+        per = len(local["weight"]) // self.grad_accum
+        packed = pack_pairs(
+            unpad_pairs(local), lengths=lengths, pad_id=self.fmt.tokenizer.pad_id,
+            groups=self.grad_accum, pair_offset=index * per,
+            row_multiple=local_row_slices(self.batch_size, self.grad_accum, self.mesh, self.rules),
+        )  # fmt: skip
+        return agree_rows(packed, self.fmt.tokenizer.pad_id, self.grad_accum)
 
     def checkpoint_items(self) -> dict[str, Any]:
         """Extra state saved with each checkpoint (PPO's value model)."""
