@@ -118,20 +118,26 @@ def pack_pairs(
     pair_offset: int = 0,
 ) -> dict[str, Any]:
     """Encoded pairs (`jaxcai.data.pipeline.encode_example`, in order) -> one packed batch
-    of `groups` equal micro-batches (see the module docstring). The row length is the
-    smallest of `lengths` that fits the longest pair; every micro-batch gets the same
+    of `groups` equal micro-batches (see the module docstring). The row length is the one
+    of `lengths` that fits the longest pair in the fewest slots (rows times length;
+    considered up to twice the shortest that fits); every micro-batch gets the same
     number of rows (`row_count`), a multiple of `row_multiple`."""
     n = len(examples)
     if n == 0 or n % groups:
         raise ValueError(f"pack_pairs: {n} pairs do not split into {groups} micro-batches")
     sizes = [packed_length(e) for e in examples]
     longest = max(sizes)
-    length = next((b for b in sorted(lengths) if b >= longest), None)
-    if length is None:
+    fitting = [b for b in sorted(lengths) if b >= longest]
+    if not fitting:
         raise ValueError(f"pack_pairs: a pair of {longest} tokens fits no row length {lengths}")
     per = n // groups
-    layouts = [_first_fit(sizes[g * per : (g + 1) * per], length) for g in range(groups)]
-    rows = row_count(max(len(bins) for bins in layouts), row_multiple)
+    best = None
+    for length in (b for b in fitting if b <= 2 * fitting[0]):  # fewest slots; ties: shorter
+        layouts = [_first_fit(sizes[g * per : (g + 1) * per], length) for g in range(groups)]
+        rows = row_count(max(len(bins) for bins in layouts), row_multiple)
+        if best is None or rows * length < best[0] * best[1]:
+            best = (rows, length, layouts)
+    rows, length, layouts = best
     out = {k: np.zeros((groups * rows, length), np.int32) for k in PACKED_KEYS}
     out["tokens"][:] = pad_id
     out["targets"][:] = pad_id

@@ -103,10 +103,11 @@ class Layout:
 
     def pair_row_lengths(self) -> tuple[int, ...]:
         """Row lengths of packed pairs: the buckets (powers of two from 64 unless
-        `buckets` are given) up to `2 * max_len`, the longest a packed pair can be."""
+        `buckets` are given) up to `2 * max_len` (the longest a packed pair can be), and
+        twice that, so several long pairs can share a row."""
         top = 2 * self.max_len
         chosen = self.buckets or tuple(2**k for k in range(6, 21) if 2**k < top)
-        return tuple(sorted({b for b in chosen if b < top} | {top}))
+        return tuple(sorted({b for b in chosen if b < top} | {top, 2 * top}))
 
     @property
     def packs_pairs(self) -> bool:
