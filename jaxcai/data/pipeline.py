@@ -11,7 +11,9 @@ Per example (pure functions, run in grain's map stage):
   its rendering, ending at the response's end-of-turn token. The loss mask covers the
   response tokens and that end-of-turn (or eos) token only; earlier assistant turns of
   the prompt are context.
-* `preference` pairs become a chosen and a rejected sequence of the same layout.
+* `preference` pairs become a chosen and a rejected sequence of the same layout; with
+  `pack_pairs` a batch's pairs are then packed, several per row with each prompt once
+  (`jaxcai.data.pairs`).
 
 **Truncation policy** (`data.truncate=true`): a sequence longer than `max_len + 1`
 tokens (one more than a row, for the shifted target) keeps the *end* of its prompt and
