@@ -218,6 +218,10 @@ def test_jaxcai_train_losses_are_unchanged_by_packing(tmp_path, objective):
         losses[pack] = _losses(tmp_path / pack)
     assert len(losses["true"]) == 3
     np.testing.assert_allclose(losses["true"], losses["false"], **TOL)
+    if objective == "dpo":  # the reference pass packs its pairs too
+        ref = {k: np.load(tmp_path / k / "reference_logps.npz") for k in losses}
+        for key in ("train/ref_chosen_logps", "eval/ref_rejected_logps"):
+            np.testing.assert_allclose(ref["true"][key], ref["false"][key], **TOL)
 
 
 def test_branch_mask_keeps_responses_apart():
