@@ -53,7 +53,10 @@ class CheckpointError(ValueError):
 def config_from_hf(
     hf: dict[str, Any], *, source: str = "config.json", **overrides: Any
 ) -> ModelConfig:
-    """Translate a Hugging Face `config.json` dict; `overrides` set ModelConfig fields."""
+    """Translate a Hugging Face `config.json` dict; `overrides` set ModelConfig fields.
+    Without a `logits_chunk` override (or with -1) the training losses chunk the logits
+    of a vocabulary over 32k (`model_config.auto_logits_chunk`: a Qwen3 checkpoint gets
+    256 positions at a time)."""
     hf, model_type, source = _text_tower(hf, source)
     gemma = model_type == "gemma3_text"
 

@@ -11,6 +11,9 @@ optimizer state covers the adapters alone and no gradient of a base weight is fo
     params = add_adapters(config, base_params, jax.random.key(0))
     ...train...
     config, params = merge(config, params)    # plain weights, for export or sampling
+
+`adapters_off(params)` is the base model under the same LoRA config, without a copy of
+the base: DPO's in-step reference under LoRA (`jaxcai.trainer`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from flax import traverse_util
 
 from jaxcai.model_config import ModelConfig
 
-__all__ = ["add_adapters", "base_config", "combine", "has_adapters", "merge", "split"]
+__all__ = [
+    "adapters_off",
+    "add_adapters",
+    "base_config",
+    "combine",
+    "has_adapters",
+    "merge",
+    "split",
+]
 
 Params = Any
 MARK = "_lora_"
@@ -68,6 +79,15 @@ def combine(trainable: Params, frozen: Params) -> Params:
     flat = traverse_util.flatten_dict(frozen)
     flat.update(traverse_util.flatten_dict(trainable))
     return traverse_util.unflatten_dict(flat)
+
+
+def adapters_off(params: Params) -> Params:
+    """`params` with every adapter's B at zero: under the same config, exactly the base
+    model (each projection adds `(x @ A) @ 0`). The base weights are the very arrays of
+    `params`, so inside a jitted step this costs the B zeros, not a copy of the model."""
+    flat = traverse_util.flatten_dict(params)
+    off = lambda p, v: jnp.zeros_like(v) if p[-1].endswith(f"{MARK}b") else v
+    return traverse_util.unflatten_dict({p: off(p, v) for p, v in flat.items()})
 
 
 def add_adapters(config: ModelConfig, params: Params, rng: jax.Array, shardings: Any = None):

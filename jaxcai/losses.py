@@ -73,7 +73,11 @@ def token_logps(logits_BTV: Array, targets_BT: Array) -> Array:
 
 
 def chunked_token_logps(
-    hidden_BTD: Array, head_DV: Array, targets_BT: Array, chunk: int
+    hidden_BTD: Array,
+    head_DV: Array,
+    targets_BT: Array,
+    chunk: int,
+    softcap: float | None = None,
 ) -> tuple[Array, Array]:
     """`token_logps(hidden @ head, targets)` and whether each target is the argmax [B, T],
     computed `chunk` positions at a time so that the full `[B, T, V]` logits never exist.
@@ -81,7 +85,8 @@ def chunked_token_logps(
     Each chunk's logits (matmul in the hidden dtype, accumulated in float32) live only
     inside a rematerialised scan step: the backward pass recomputes them chunk by chunk,
     so peak memory holds one `[B, chunk, V]` float32 block instead of the whole batch's
-    logits, their log-softmax and their gradient.
+    logits, their log-softmax and their gradient. `softcap` caps them as the model's
+    head does (Gemma's `final_logit_softcap`: `cap * tanh(logits / cap)`).
     """
     B, T, _ = hidden_BTD.shape
     n = -(-T // chunk)
@@ -96,6 +101,8 @@ def chunked_token_logps(
     @jax.checkpoint
     def one(h_BCD: Array, y_BC: Array) -> tuple[Array, Array]:
         logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, head_DV, preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
         target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
         logps_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
         return logps_BC, jnp.argmax(logits_BCV, axis=-1) == y_BC

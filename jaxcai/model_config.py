@@ -27,6 +27,16 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
 NORM_STYLES = ("llama", "gemma")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALINGS = ("llama3", "linear")
+AUTO_CHUNK = -1  # `logits_chunk` sentinel: chunk large vocabularies (`auto_logits_chunk`)
+LARGE_VOCAB = 32_768  # vocabularies above this get chunked logits by default
+DEFAULT_CHUNK = 256  # positions per chunk they get
+
+
+def auto_logits_chunk(vocab_size: int) -> int:
+    """The `logits_chunk` that `AUTO_CHUNK` resolves to: `DEFAULT_CHUNK` positions for a
+    vocabulary over `LARGE_VOCAB` (Llama-3's 128k, Qwen3's 152k, Gemma-3's 262k: their full
+    float32 logits of a 2048-token DPO pair are 2-4 GB), else 0 (all at once)."""
+    return DEFAULT_CHUNK if vocab_size > LARGE_VOCAB else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +114,9 @@ class ModelConfig(ModelPresets):
     scan_layers: bool = True
     remat_policy: str = "none"
     # Training losses compute logits this many positions at a time (0: all at once), so
-    # the full [batch, length, vocab] float32 logits are never materialised.
-    logits_chunk: int = 0
+    # the full [batch, length, vocab] float32 logits are never materialised. AUTO_CHUNK
+    # (-1, the default) resolves on construction by the vocabulary (`auto_logits_chunk`).
+    logits_chunk: int = AUTO_CHUNK
     # LoRA (Hu et al. 2021): rank-`lora_rank` adapters on the `lora_targets` projections,
     # scaled by lora_alpha / lora_rank; 0 disables. With adapters, only they are trained.
     lora_rank: int = 0
@@ -152,8 +163,13 @@ class ModelConfig(ModelPresets):
                 f"ModelConfig.lora_targets={list(self.lora_targets)}: choose a non-empty "
                 f"subset of {list(LORA_TARGETS)}"
             )
+        if self.logits_chunk == AUTO_CHUNK:
+            object.__setattr__(self, "logits_chunk", auto_logits_chunk(self.vocab_size))
         if self.logits_chunk < 0:
-            raise ValueError(f"ModelConfig.logits_chunk must be >= 0, got {self.logits_chunk}")
+            raise ValueError(
+                f"ModelConfig.logits_chunk must be >= 0 or {AUTO_CHUNK} (auto), "
+                f"got {self.logits_chunk}"
+            )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"ModelConfig.attention_impl={self.attention_impl!r}; "
@@ -205,11 +221,6 @@ class ModelConfig(ModelPresets):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be positive or None, got {value}")
-        if self.final_logit_softcap is not None and self.logits_chunk:
-            raise ValueError(
-                "ModelConfig.final_logit_softcap is not applied by the chunked training "
-                "losses; set logits_chunk=0"
-            )
 
     @property
     def local_layers(self) -> tuple[bool, ...]:

@@ -3,9 +3,11 @@
 `build(cfg, mesh, rules)` is the one place that turns a composed training config into
 what the loop, `jaxcai-aot`, the benchmarks and the tests run: the objective's record,
 the model config, the optimizer and schedule, the initial `TrainState` with its
-shardings, a DPO-style in-step reference copy, and the jitted (donating) train step and
-eval step. With `abstract=True` nothing is allocated: the state is shapes carrying their
-shardings, so a pod-sized step compiles on a laptop (`Trainer.compile`).
+shardings, a DPO-style in-step reference (a frozen copy of the initial params or, under
+LoRA, the state's own base weights with the adapters switched off: one copy of the base
+in memory), and the jitted (donating) train step and eval step. With `abstract=True`
+nothing is allocated: the state is shapes carrying their shardings, so a pod-sized step
+compiles on a laptop (`Trainer.compile`).
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def abstract_batch(cfg: DictConfig, mesh, rules=sharding.DEFAULT_RULES) -> dict[
 @dataclasses.dataclass
 class Trainer:
     """Everything a run steps with. `state` is the initial state (donated to the first
-    step: take it once); `ref_params` the in-step reference policy, or None."""
+    step: take it once); `ref_params` the in-step reference policy, or None (also under
+    LoRA, where the steps' reference is the base inside the params they get,
+    `lora.adapters_off`, unless one is passed)."""
 
     objective: Objective
     objective_config: Any
@@ -178,6 +182,17 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     )
 
 
+def _base_reference(step: Any) -> Any:
+    """`step(state_or_params, batch, ref_params)` whose reference defaults to the LoRA
+    params' own base, adapters switched off (`lora.adapters_off`): no second copy."""
+
+    def with_base(first: Any, batch: Any, ref_params: Any = None):
+        params = first.params if isinstance(first, TrainState) else first
+        return step(first, batch, lora.adapters_off(params) if ref_params is None else ref_params)
+
+    return with_base
+
+
 def build(
     cfg: DictConfig,
     mesh,
@@ -203,7 +218,9 @@ def build(
     state_shapes = jax.eval_shape(init, values)
     state_sh = state_shardings(state_shapes, param_sh, mesh)
     ref = None
-    if objective.reference_mode(cfg.objective) == "model":
+    in_step = objective.reference_mode(cfg.objective) == "model"
+    base_ref = in_step and lora.has_adapters(values)  # the reference is the frozen base
+    if in_step and not base_ref:
         ref = values if abstract else jax.tree_util.tree_map(jnp.copy, values)
     if abstract:
         state = _abstract(state_shapes, state_sh)
@@ -211,13 +228,17 @@ def build(
         state = jax.jit(init, out_shardings=state_sh, donate_argnums=0)(values)
     replicated = NamedSharding(mesh, PartitionSpec())
     ref_sh = None if ref is None else jax.tree_util.tree_map(lambda x: x.sharding, ref)
+    train_fn = make_train_step(mc, cfg.objective, optimizer, schedule)
+    eval_fn = make_eval_step(mc, cfg.objective)
+    if base_ref:
+        train_fn, eval_fn = _base_reference(train_fn), _base_reference(eval_fn)
     step = jax.jit(
-        make_train_step(mc, cfg.objective, optimizer, schedule),
+        train_fn,
         in_shardings=(state_sh, None, ref_sh),  # batches arrive already sharded
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(mc, cfg.objective), out_shardings=replicated)
+    eval_step = jax.jit(eval_fn, out_shardings=replicated)
     return Trainer(
         objective, cfg.objective, mc, optimizer, schedule, state, state_sh, param_sh, ref,
         step, eval_step, mesh, rules,

@@ -269,7 +269,7 @@ def test_flops_attention_term_grows_with_seq_len():
         (dict(mlp_activation="relu"), ["mlp_activation", "relu"]),
         (dict(rope_local_theta=0.0), ["rope_local_theta"]),
         (dict(query_pre_attn_scalar=-1.0), ["query_pre_attn_scalar"]),
-        (dict(final_logit_softcap=30.0, logits_chunk=64), ["final_logit_softcap", "logits_chunk"]),
+        (dict(logits_chunk=-2), ["logits_chunk", "-2", "auto"]),
         (dict(rope_scaling=dict(factor=8.0, rope_type="linear", low_freq_factor=1.0)), ["linear"]),
         (dict(rope_scaling=dict(factor=8.0)), ["llama3", "low_freq_factor"]),
         (dict(rope_scaling=dict(factor=8.0, rope_type="yarn")), ["rope_type", "yarn"]),

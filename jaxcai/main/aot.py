@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def report(cfg: DictConfig) -> dict:
     """Compile `cfg`'s train step on its mesh and return the per-device memory figures."""
+    from jaxcai import objectives
     from jaxcai.aot import compile_train_step, memory_report
 
     if cfg.aot.devices is not None:
@@ -37,6 +38,9 @@ def report(cfg: DictConfig) -> dict:
     compiled, state, mc = compile_train_step(cfg, mesh, rules)
     figures = memory_report(compiled, state)
     peak_gb = figures["peak_mb"] / 1024
+    reference = objectives.get(cfg.objective.name).reference_mode(cfg.objective)
+    if reference == "model" and mc.lora_rank:
+        reference = "lora_base"  # the state's own base weights, adapters off: no copy
     return {
         "model": cfg.model.get("name", "custom"),
         "objective": cfg.objective.name,
@@ -51,6 +55,7 @@ def report(cfg: DictConfig) -> dict:
         "remat_policy": mc.remat_policy,
         "logits_chunk": mc.logits_chunk,
         "lora_rank": mc.lora_rank,
+        "reference": reference,
         "compile_s": round(time.perf_counter() - start, 1),
         **{k: round(v, 3) for k, v in figures.items()},
         "peak_gb": round(peak_gb, 2),
