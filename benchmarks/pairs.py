@@ -18,7 +18,8 @@ multi-turn prompts of 20-900 tokens (log-normal, mean ~136, p90 ~297), responses
 
 Each layout runs every batch once untimed (compiling each shape it meets; the number of
 programs is `compiles`), then `passes` timed passes: steady-state throughput, all shapes
-compiled. It reports pairs/s, non-padding tokens/s (a pair's two sequences, as unpacked,
+compiled. Every `fixed` batch has the same shape and cost, so that layout runs the first
+`fixed_batches` batches only. It reports pairs/s, non-padding tokens/s (a pair's two sequences, as unpacked,
 so all layouts count the same work), the padding share of the row slots the model
 computes, and the compile count.
 
@@ -228,9 +229,12 @@ def _run(cfg: DictConfig, mesh, rules) -> dict[str, Any]:
             mesh=cfg.mesh,
         )  # fmt: skip
         trainer = build(step_cfg, mesh, rules)
-        batches = [layout_batch(g, layout, cfg.max_len, 0) for g in groups]
+        # Every fixed batch has the same shape and cost: a few of them time it.
+        use = groups[: cfg.fixed_batches] if layout == "fixed" else groups
+        batches = [layout_batch(g, layout, cfg.max_len, 0) for g in use]
         figures = time_layout(trainer, batches, cfg.passes, mesh, rules)
-        figures["tokens_per_s"] = cfg.passes * _pair_tokens(examples) / figures["seconds"]
+        used = [e for g in use for e in g]
+        figures["tokens_per_s"] = cfg.passes * _pair_tokens(used) / figures["seconds"]
         result["layouts"][layout] = figures
         result.update(run_fields(cfg, trainer.model))
         log.info("%s: %s", layout, json.dumps(figures))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-TIMEOUT = 300  # seconds per subprocess (or group of processes)
+TIMEOUT = 600  # seconds per subprocess (or group of processes)
 
 
 class Launch:

@@ -236,3 +236,29 @@ def test_rl_benchmark_reports_rollout_and_update_throughput(tmp_path, algorithm)
     assert split == pytest.approx(result["step_s"], rel=1e-3)
     assert result["generated_tokens_per_step"] <= 4 * 4 and result["peak_rss_mb"] > 0
     assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+def test_pairs_benchmark_reports_every_layout(tmp_path):
+    result = run_benchmark(
+        tmp_path, "-m", "benchmarks.pairs", "model=tiny", "max_len=96", "batches=2",
+        "batch_size=4", "fixed_batches=1",
+    )  # fmt: skip
+    assert set(result["layouts"]) == {"fixed", "bucket", "packed"}
+    layouts = result["layouts"]
+    for figures in layouts.values():
+        assert figures["pairs_per_s"] > 0 and figures["compiles"] >= 1
+        assert 0 <= figures["padding_share"] < 1
+    assert 0 < result["prompt_share"] < 1
+    losses = [f["last_loss"] for f in layouts.values()]  # the same pairs, the same steps
+    assert max(losses) - min(losses) < 1e-4
+
+
+def test_synthetic_pairs_follow_the_hh_lengths():
+    pairs = benchmark_module("pairs").synthetic_pairs(4000, seed=0, vocab=100)
+    import numpy as np
+
+    prompts = np.asarray([len(p["prompt"]) for p in pairs])
+    responses = np.asarray([len(p["chosen"]) for p in pairs])
+    assert 20 <= prompts.min() and prompts.max() <= 900
+    assert 120 < prompts.mean() < 150 and 260 < np.percentile(prompts, 90) < 330
+    assert 5 <= responses.min() and responses.max() <= 600 and 45 < responses.mean() < 62

@@ -78,7 +78,9 @@ def test_pipeline_rows_and_aot_batches_follow_the_layout(name, data, overrides):
     rows = next(it)
     it.close()
     check_batch(objective, cfg.objective, rows)  # raises on a missing or extra key
-    layout = batch_layout(objective, cfg.objective, 4, 32)
+    packed = rows.get("packed")  # preference pairs are packed by default (data.pairs)
+    shape = (None, 32) if packed is None else packed["tokens"].shape
+    layout = batch_layout(objective, cfg.objective, 4, shape[1], packed_rows=shape[0])
     got = jax.tree_util.tree_map(lambda a: (a.shape, np.dtype(a.dtype)), rows)
     want = jax.tree_util.tree_map(lambda s: (s.shape, np.dtype(s.dtype)), layout)
     assert got == want

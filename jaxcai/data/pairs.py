@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "PACKED_KEYS",
+    "PackPairs",
     "PAIR_KEYS",
     "pack_pairs",
     "packed_length",
@@ -153,6 +154,21 @@ def pack_pairs(
         if key in examples[0]:
             batch[key] = np.asarray([e[key] for e in examples], np.float32)
     return batch
+
+
+class PackPairs:
+    """grain batch_fn: encoded pairs -> one packed batch (`pack_pairs` with these
+    settings; picklable for grain's worker processes)."""
+
+    def __init__(self, lengths, pad_id: int, groups: int, row_multiple: int, offset: int):
+        self.lengths, self.pad_id = tuple(lengths), pad_id
+        self.groups, self.row_multiple, self.offset = groups, row_multiple, offset
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return pack_pairs(
+            examples, lengths=self.lengths, pad_id=self.pad_id, groups=self.groups,
+            row_multiple=self.row_multiple, pair_offset=self.offset,
+        )  # fmt: skip
 
 
 def unpad_pairs(rows: dict[str, Any]) -> list[dict[str, Any]]:

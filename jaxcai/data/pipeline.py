@@ -51,7 +51,7 @@ import grain
 import numpy as np
 
 from jaxcai.chat import ChatError, ChatFormat, as_format, messages_from_transcript
-from jaxcai.data.pairs import SEQ_KEYS, pack_pairs
+from jaxcai.data.pairs import SEQ_KEYS, PackPairs
 from jaxcai.data.records import DataError
 from jaxcai.tokenizer import Tokenizer
 
@@ -292,20 +292,6 @@ class _Collate:
         return pad_rows(examples, self.layout, self.pad_id)
 
 
-class _PackPairs:
-    """grain batch_fn: encoded pairs -> one packed batch (`jaxcai.data.pairs`)."""
-
-    def __init__(self, layout: Layout, pad_id: int, groups: int, row_multiple: int, offset: int):
-        self.layout, self.pad_id = layout, pad_id
-        self.groups, self.row_multiple, self.offset = groups, row_multiple, offset
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return pack_pairs(
-            examples, lengths=self.layout.pair_row_lengths(), pad_id=self.pad_id,
-            groups=self.groups, row_multiple=self.row_multiple, pair_offset=self.offset,
-        )  # fmt: skip
-
-
 def _sequence_keys(example: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: example[k] for k in SEQ_KEYS}
 
@@ -407,7 +393,7 @@ def train_iterator(
         if rows_per_batch % groups:
             raise ValueError(f"{rows_per_batch} pairs per batch do not split into {groups} groups")
         offset = shard_index * (rows_per_batch // groups)
-        pack = _PackPairs(layout, pad_id_of(tok), groups, row_multiple, offset)
+        pack = PackPairs(layout.pair_row_lengths(), pad_id_of(tok), groups, row_multiple, offset)
         it = it.batch(rows_per_batch, batch_fn=pack)
     else:
         it = it.batch(rows_per_batch, batch_fn=_Collate(layout, pad_id_of(tok)))
