@@ -1,12 +1,21 @@
 """`generate`: batched, jitted, sharded sampling with the KV cache, exactly reproducible.
 
-Prompts are sorted by length and run `batch_size` at a time, left-padded to power-of-two
-shapes; each batch is prefilled in one pass and decoded by `device.decode_steps`. Every
-sequence draws from its own key (`fold_in(fold_in(key(seed), prompt index), sample
-index)`, or the caller's per-prompt `seeds`), folded with the step, so a sample never
-depends on its batch, on padding or on the mesh. Stop ids end a row on device; stop
-strings need text, so with `stop_strings` the loop decodes `stop_check_every` tokens at a
-time and the host reads the text between chunks.
+By default sequences decode with continuous batching (`jaxcai.sample.continuous`):
+`batch_size` slots, each refilled with the next waiting prompt as soon as its sequence
+ends, every step reading only a window of the cache. With `continuous=False` (the static
+sampler) prompts are sorted by length and run `batch_size` at a time, left-padded to
+power-of-two shapes; each batch is prefilled in one pass and decoded by
+`device.decode_steps` until its longest sequence ends. Every sequence draws from its own
+key (`fold_in(fold_in(key(seed), prompt index), sample index)`, or the caller's
+per-prompt `seeds`), folded with its step, so a sample never depends on its batch, its
+slot, padding or the mesh: both samplers give the same outputs. Stop ids end a row on
+device; stop strings need text, so with `stop_strings` the loop decodes
+`stop_check_every` tokens at a time and the host reads the text between chunks.
+
+Continuous batching works on a mesh (slots spread over its batch axes) and on a mesh
+that spans processes (every process runs the same host loop on the same values). The
+static sampler stays for comparison and for callers that want one batch's rows to end
+together; no case needs it.
 """
 
 from __future__ import annotations
@@ -34,17 +43,17 @@ from jaxcai.sample.batching import (
     place,
     scalar,
 )
+from jaxcai.sample.continuous import generate_continuous
 from jaxcai.sample.device import (
-    LENGTH,
     RUNNING,
     STOP_ID,
-    STOP_REASONS,
     STOP_STRING,
     DecodeRules,
     DecodeState,
     decode_steps,
     prefill_step,
 )
+from jaxcai.sample.stops import Stops, cut_at_stop_string, first_stop, keep_row
 from jaxcai.sharding import Rules
 
 __all__ = ["Generation", "generate", "greedy_generate"]
@@ -68,49 +77,23 @@ class Generation:
         return range(prompt_index * n, (prompt_index + 1) * n)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stops:
-    """Where sequences end: stop ids on device, stop strings read on the host."""
-
-    ids: Sequence[int]
-    strings: Sequence[str]
-    tokenizer: Any
-    check_every: int
-
-
-def _cut_at_stop_string(tok, ids: list[int], stops: Sequence[str]) -> tuple[int, str] | None:
-    """(tokens to keep, text) when the decoded ids contain a stop string, else None: the
-    text is cut before the earliest stop string, the tokens to those whose text it holds."""
-    text = tok.decode(ids)
-    hits = [text.find(s) for s in stops if s and s in text]
-    if not hits:
-        return None
-    kept = text[: min(hits)]
-    keep = 0
-    while keep < len(ids) and kept.startswith(tok.decode(ids[: keep + 1])):
-        keep += 1
-    return keep, kept
-
-
-def _first_stop(ids: list[int], stop_ids: Sequence[int]) -> int:
-    stops = set(stop_ids)
-    return next((k for k, t in enumerate(ids) if t in stops), len(ids))
+def _budgets(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
+    """Each prompt's `max_new_tokens` (one int for all, or one per prompt), checked."""
+    if isinstance(max_new_tokens, int | np.integer):
+        budgets = [int(max_new_tokens)] * n_prompts
+    else:
+        budgets = [int(n) for n in max_new_tokens]
+        if len(budgets) != n_prompts:
+            raise ValueError(f"{len(budgets)} max_new_tokens for {n_prompts} prompts")
+    if any(n <= 0 for n in budgets):
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    return budgets
 
 
 def _check_args(
-    config,
-    prompts,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    num_samples,
-    seeds,
-    stops: _Stops,
-    batch_size: int,
+    config, prompts, max_new_tokens: int, rules: tuple, seeds, stops: Stops, batch_size: int
 ) -> None:
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    temperature, top_k, top_p, num_samples = rules
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and num_samples >= 1):
         raise ValueError(
             f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1, num_samples >= 1; got "
@@ -148,20 +131,20 @@ def _sequence_keys(
 
 
 def _apply_stop_strings(
-    state: DecodeState, n_live: int, cuts: dict[int, tuple[int, str]], stops: _Stops
+    state: DecodeState, n_live: int, cuts: dict[int, tuple[int, str]], stops: Stops
 ) -> tuple[DecodeState, np.ndarray]:
     """Mark rows whose text now holds a stop string (their cut kept in `cuts`). On a
     mesh that spans processes every process reads the same rows, so all decide alike."""
     reason = np.array(to_host(state.reason_B))  # a writable copy
-    new = to_host(state.tokens_BN)
+    new, budget = to_host(state.tokens_BN), to_host(state.budget_B)
     step = int(to_host(state.step))
     for r in range(n_live):
         if r in cuts:
             continue
-        ids = new[r, :step].tolist()
+        ids = new[r, : min(step, budget[r])].tolist()
         if reason[r] == STOP_ID:
-            ids = ids[: _first_stop(ids, stops.ids)]
-        found = _cut_at_stop_string(stops.tokenizer, ids, stops.strings)
+            ids = ids[: first_stop(ids, stops.ids)]
+        found = cut_at_stop_string(stops.tokenizer, ids, stops.strings)
         if found is not None:
             cuts[r] = found
             reason[r] = STOP_STRING
@@ -179,7 +162,7 @@ def _decode_batch(
     n_live: int,
     rules_arr: DecodeRules,
     max_new_tokens: int,
-    stops: _Stops,
+    stops: Stops,
     mesh,
 ) -> tuple[DecodeState, dict[int, tuple[int, str]]]:
     """Decode a prefilled batch to its end; returns the state and the stop-string cuts."""
@@ -204,9 +187,10 @@ def _run_batch(
     params,
     rows: list[list[int]],
     keys: list[np.ndarray],
+    budgets: list[int],
     rules_arr: DecodeRules,
     max_new_tokens: int,
-    stops: _Stops,
+    stops: Stops,
     pad_id: int,
     shards: int,
     mesh,
@@ -229,32 +213,25 @@ def _run_batch(
             place(segments, ("batch", "length"), mesh, rules),
             place(keys_arr, ("batch", None), mesh, rules),
             place(np.arange(B) < n_live, ("batch",), mesh, rules),
+            place(np.array(budgets + [1] * (B - n_live), np.int32), ("batch",), mesh, rules),
             rules_arr,
             max_new_tokens,
         )
         return _decode_batch(config, params, state, n_live, rules_arr, max_new_tokens, stops, mesh)
 
 
-def _collect(state: DecodeState, cuts, batch: list[int], stops: _Stops, out: dict) -> None:
+def _collect(state: DecodeState, cuts, batch: list[int], stops: Stops, out: dict) -> None:
     """Each live row's kept tokens, log-probs, stop reason and text, into `out`."""
     new, logps, reason = to_host(state.tokens_BN), to_host(state.logps_BN), to_host(state.reason_B)
-    step = int(to_host(state.step))
+    step, budget = int(to_host(state.step)), to_host(state.budget_B)
     for r, n in enumerate(batch):
-        ids = new[r, :step].tolist()
-        lp = logps[r, :step].tolist()
-        why = int(reason[r])
-        if why == STOP_STRING:
-            keep = cuts[r][0]
-        elif why == STOP_ID:
-            keep = _first_stop(ids, stops.ids)
-        else:
-            why = LENGTH if why == RUNNING else why
-            keep = len(ids)
-        out["tokens"][n], out["logps"][n] = ids[:keep], lp[:keep]
-        out["reasons"][n] = STOP_REASONS[why]
-        if out["texts"] is not None:
-            text = cuts[r][1] if why == STOP_STRING else stops.tokenizer.decode(ids[:keep])
-            out["texts"][n] = text
+        ends = min(step, int(budget[r]))
+        ids, lp = new[r, :ends].tolist(), logps[r, :ends].tolist()
+        keep_row(ids, lp, int(reason[r]), cuts.get(r), stops, out, n)
+
+
+def _padded(ids: list[int], n: int) -> list[int]:
+    return ids + [-1] * (n - len(ids))
 
 
 def _vocab(config: ModelConfig, tokenizer: Any) -> int:
@@ -264,12 +241,27 @@ def _vocab(config: ModelConfig, tokenizer: Any) -> int:
     return min(int(size), config.vocab_size) if size else config.vocab_size
 
 
+def _generate_static(config, params, seqs, order, rules_arr, stops, *, batch_size, out, **kw):
+    """The static sampler: `batch_size` sequences at a time, each batch to its end."""
+    prompts, keys, budgets = seqs
+    N = max(budgets)
+    for batch in tqdm(
+        list(batches(order, batch_size)), desc="generate", unit="batch", disable=not kw["progress"]
+    ):
+        rows, row_keys = [prompts[n] for n in batch], [keys[n] for n in batch]
+        state, cuts = _run_batch(
+            config, params, rows, row_keys, [budgets[n] for n in batch], rules_arr, N, stops,
+            kw["pad_id"], kw["shards"], kw["mesh"], kw["rules"],
+        )  # fmt: skip
+        _collect(state, cuts, batch, stops, out)
+
+
 def generate(
     config: ModelConfig,
     params: Params,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -285,64 +277,54 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules = SAMPLING_RULES,
     progress: bool = False,
+    continuous: bool = True,
 ) -> Generation:
     """Sample `num_samples` continuations of each id-list prompt.
 
     `temperature=0` is greedy; `top_k`/`top_p` filter the temperature-scaled
     distribution (combinable). A sequence stops at any of `stop_ids` (excluded from its
     tokens), at any of `stop_strings` (needs `tokenizer`; the text is cut before it), or
-    after `max_new_tokens`; with a `tokenizer`, only ids it can decode are sampled.
-    Prompts run `batch_size` at a time, longest first, padded to power-of-two shapes;
-    with `mesh`, rows are sharded over its batch axes (params placed, `SAMPLING_RULES`)."""
-    stops = _Stops(stop_ids, stop_strings, tokenizer, stop_check_every)
-    _check_args(
-        config,
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        num_samples,
-        seeds,
-        stops,
-        batch_size,
-    )
+    after `max_new_tokens` (one for all, or one per prompt); with a `tokenizer`, only ids
+    it can decode are sampled. With `continuous`, `batch_size` slots decode together and
+    a finished sequence's slot takes the next prompt (`jaxcai.sample.continuous`); else
+    prompts run `batch_size` at a time, longest first, padded to power-of-two shapes.
+    Outputs are the same either way. With `mesh`, rows are sharded over its batch axes
+    (params placed, `SAMPLING_RULES`)."""
+    stops = Stops(stop_ids, stop_strings, tokenizer, stop_check_every)
+    budgets = _budgets(max_new_tokens, len(prompts))
+    sampling = (temperature, top_k, top_p, num_samples)
+    _check_args(config, prompts, max(budgets, default=1), sampling, seeds, stops, batch_size)
     config, params = unrolled(config, params, mesh, rules)  # no per-step weight slicing
     items = _sequence_keys(len(prompts), seed, seeds, num_samples)
-    order = sorted(range(len(items)), key=lambda n: -len(prompts[items[n][0]]))
+    seqs = (
+        [list(prompts[i]) for i, _, _ in items],
+        [key for _, _, key in items],
+        [budgets[i] for i, _, _ in items],
+    )
+    order = sorted(range(len(items)), key=lambda n: -len(seqs[0][n]))
     rules_arr = DecodeRules(
         temperature=scalar(temperature, jnp.float32, mesh),
         top_k=scalar(top_k, jnp.int32, mesh),
         top_p=scalar(top_p, jnp.float32, mesh),
-        stop_ids=scalar(list(stop_ids) or [-1], jnp.int32, mesh),
+        # padded with -1 to a few sizes, so another set of stop ids compiles nothing new
+        stop_ids=scalar(_padded(list(stop_ids), bucket(len(stop_ids), 4)), jnp.int32, mesh),
         vocab=scalar(_vocab(config, tokenizer), jnp.int32, mesh),
     )
-    shards = batch_shards(mesh, rules)
     out: dict[str, Any] = {
         "tokens": [[] for _ in items],
         "logps": [[] for _ in items],
         "reasons": [""] * len(items),
         "texts": [""] * len(items) if tokenizer is not None else None,
     }
-    for batch in tqdm(
-        list(batches(order, batch_size)), desc="generate", unit="batch", disable=not progress
-    ):
-        rows = [list(prompts[items[n][0]]) for n in batch]
-        keys = [items[n][2] for n in batch]
-        state, cuts = _run_batch(
-            config,
-            params,
-            rows,
-            keys,
-            rules_arr,
-            max_new_tokens,
-            stops,
-            pad_id,
-            shards,
-            mesh,
-            rules,
-        )
-        _collect(state, cuts, batch, stops, out)
+    kw = dict(pad_id=pad_id, batch_size=batch_size, mesh=mesh, rules=rules, out=out)
+    kw["shards"] = batch_shards(mesh, rules)
+    if not items:
+        pass
+    elif continuous:
+        with tqdm(total=len(items), desc="generate", unit="seq", disable=not progress) as bar:
+            generate_continuous(config, params, seqs, order, rules_arr, stops, progress=bar, **kw)
+    else:
+        _generate_static(config, params, seqs, order, rules_arr, stops, progress=progress, **kw)
     return Generation(out["tokens"], out["logps"], out["reasons"], out["texts"], num_samples)
 
 

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from jaxcai.model import KVCache, ModelConfig, Params, forward_with_cache, prefill
 from jaxcai.sample.filters import sample_tokens
 
-__all__ = ["LENGTH", "RUNNING", "STOP_ID", "STOP_REASONS", "STOP_STRING", "DecodeRules"]
+__all__ = [
+    "LENGTH", "RUNNING", "STOP_ID", "STOP_REASONS", "STOP_STRING", "DecodeRules", "pick",
+]  # fmt: skip
 
 STOP_REASONS = ("running", "stop_id", "stop_string", "length")
 RUNNING, STOP_ID, STOP_STRING, LENGTH = range(4)
@@ -27,6 +29,7 @@ class DecodeState:
     tokens_BN: jax.Array
     logps_BN: jax.Array
     keys_B: jax.Array  # [B, 2] uint32 raw keys, one stream per row
+    budget_B: jax.Array  # the most tokens each row may generate
     cache: KVCache
 
 
@@ -41,8 +44,12 @@ class DecodeRules:
     vocab: jax.Array | None = None
 
 
-def _pick(logits_BV, state_keys_B, step, rules: DecodeRules):
-    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(state_keys_B)
+def pick(logits_BV, state_keys_B, step, rules: DecodeRules):
+    """Each row's next token and its log-prob; the row's key is folded with `step` (the
+    tokens it has generated so far: a scalar, or one per row)."""
+    steps_B = jnp.broadcast_to(step, state_keys_B.shape[:1])
+    fold = lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s)  # noqa: E731
+    keys = jax.vmap(fold)(state_keys_B, steps_B)
     allowed_BV = logits_BV
     if rules.vocab is not None:
         allowed_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < rules.vocab, logits_BV, -jnp.inf)
@@ -55,7 +62,7 @@ def _record(state: DecodeState, token_B, logp_B, rules: DecodeRules) -> DecodeSt
     running_B = state.reason_B == RUNNING
     stopped_B = running_B & jnp.isin(token_B, rules.stop_ids)
     step = state.step + 1
-    full_B = running_B & ~stopped_B & (step >= state.tokens_BN.shape[1])
+    full_B = running_B & ~stopped_B & (step >= state.budget_B)
     reason_B = jnp.where(stopped_B, STOP_ID, jnp.where(full_B, LENGTH, state.reason_B))
     return state.replace(
         step=step,
@@ -75,11 +82,13 @@ def prefill_step(
     segments_BP: jax.Array,
     keys_B: jax.Array,
     live_B: jax.Array,
+    budget_B: jax.Array,
     rules: DecodeRules,
     max_new_tokens: int,
 ) -> DecodeState:
     """Run the prompts, pick each row's first token. Rows with `live_B` false (batch
-    filler) start stopped, so they never keep the decode loop going."""
+    filler) start stopped, so they never keep the decode loop going; a row stops after
+    `budget_B` tokens (at most `max_new_tokens`, the buffers' width)."""
     B, P = tokens_BP.shape
     positions_BP = jnp.maximum(jnp.cumsum(segments_BP, axis=1) - 1, 0)
     logits, cache = prefill(
@@ -98,9 +107,10 @@ def prefill_step(
         tokens_BN=jnp.zeros((B, max_new_tokens), jnp.int32),
         logps_BN=jnp.zeros((B, max_new_tokens), jnp.float32),
         keys_B=keys_B,
+        budget_B=budget_B,
         cache=cache,
     )
-    token_B, logp_B = _pick(logits[:, -1], keys_B, 0, rules)
+    token_B, logp_B = pick(logits[:, -1], keys_B, 0, rules)
     return _record(state, token_B, logp_B, rules)
 
 
@@ -117,7 +127,7 @@ def decode_steps(
         logits, cache = forward_with_cache(
             config, params, s.last_B[:, None], s.cache, positions_BT=s.pos_B[:, None]
         )
-        token_B, logp_B = _pick(logits[:, -1], s.keys_B, s.step, rules)
+        token_B, logp_B = pick(logits[:, -1], s.keys_B, s.step, rules)
         return _record(s.replace(cache=cache), token_B, logp_B, rules)
 
     return jax.lax.while_loop(keep_going, one, state)
