@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcai.layers import RMSNorm, param, project
+from jaxcai.layers import RMSNorm, causal_attention, param, project
 from jaxcai.model_config import ModelConfig
 from jaxcai.sharding import constrain
 
@@ -161,7 +161,10 @@ class Attention(nn.Module):
         k = apply_rope(k, positions_BT, inv_freq)
 
         scale = 1.0 / math.sqrt(c.query_pre_attn_scalar or H)
-        if cache is None:
+        if cache is None and c.attention_impl is None and jax.default_backend() == "cpu":
+            # Without a cache the mask is causal by slot: skip the blocks above the diagonal.
+            out = causal_attention(q, k, v, mask_B1TS, scale)
+        elif cache is None:
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask_B1TS, scale=scale, implementation=c.attention_impl
             )

@@ -104,11 +104,12 @@ class Layout:
         return tuple(sorted({b for b in chosen if b < self.max_len} | {self.max_len}))
 
     def pair_row_lengths(self) -> tuple[int, ...]:
-        """Row lengths of packed pairs: the buckets (powers of two from 64 unless
-        `buckets` are given) up to `2 * max_len` (the longest a packed pair can be), and
-        twice that, so several long pairs can share a row."""
+        """Row lengths of packed pairs: the buckets (unless `buckets` are given, powers of
+        two from 64 and 1.5 times each, a step of at most 1.5x) up to `2 * max_len` (the
+        longest a packed pair can be), and twice that, so long pairs can share a row."""
         top = 2 * self.max_len
-        chosen = self.buckets or tuple(2**k for k in range(6, 21) if 2**k < top)
+        steps = [b for k in range(6, 21) for b in (2**k, 3 * 2 ** (k - 1))]
+        chosen = self.buckets or tuple(b for b in steps if b < top)
         return tuple(sorted({b for b in chosen if b < top} | {top, 2 * top}))
 
     @property
