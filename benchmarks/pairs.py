@@ -19,9 +19,9 @@ multi-turn prompts of 20-900 tokens (log-normal, mean ~136, p90 ~297), responses
 Each layout runs every batch once untimed (compiling each shape it meets; the number of
 programs is `compiles`), then `passes` timed passes: steady-state throughput, all shapes
 compiled. Every `fixed` batch has the same shape and cost, so that layout runs the first
-`fixed_batches` batches only. It reports pairs/s, non-padding tokens/s (a pair's two sequences, as unpacked,
-so all layouts count the same work), the padding share of the row slots the model
-computes, and the compile count.
+`fixed_batches` batches only. It reports pairs/s, non-padding tokens/s (a pair's two
+sequences, as unpacked, so all layouts count the same work), the padding share of the
+row slots the model computes, and the compile count.
 
 With `tunix_python=PATH` (a Python with `google-tunix`), the same batches then train in
 Tunix's `DPOTrainer` (`benchmarks/tunix_pairs.py`, the anchor model of the reference
@@ -212,15 +212,14 @@ def _run(cfg: DictConfig, mesh, rules) -> dict[str, Any]:
     pairs = [fit(p, cfg.max_len) for p in pairs]
     examples = [_encoded(p) for p in pairs]
     groups = [examples[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    responses = [len(p[s]) for p in pairs for s in ("chosen", "rejected")]
+    prompt_slots = sum(2 * int((e["chosen"]["mask"] == 0).sum()) for e in examples)
     stats = {
         "pairs": n,
         "prompt_tokens_mean": float(np.mean([len(p["prompt"]) for p in pairs])),
-        "response_tokens_mean": float(np.mean([len(p[s]) for p in pairs for s in ("chosen", "rejected")])),
-        "prompt_share": float(
-            sum(2 * (len(e["chosen"]["tokens"]) - int(e["chosen"]["mask"].sum())) for e in examples)
-            / _pair_tokens(examples)
-        ),
-    }  # fmt: skip
+        "response_tokens_mean": float(np.mean(responses)),
+        "prompt_share": prompt_slots / _pair_tokens(examples),
+    }
     result: dict[str, Any] = {"benchmark": "pairs", **stats, "layouts": {}}
     for layout in cfg.layouts:
         step_cfg = step_config(

@@ -69,7 +69,8 @@ def main() -> None:
     import optax
     from tunix.sft.dpo import dpo_trainer
 
-    pairs = [json.loads(x) for x in open(args.records)]
+    with open(args.records) as f:
+        pairs = [json.loads(x) for x in f]
     n = len(pairs) - len(pairs) % args.batch_size
     batches = [
         _batch(dpo_trainer, pairs[i : i + args.batch_size], anchor.PAD_ID)

@@ -49,8 +49,9 @@ def _compute(trainer, fn, params, rows, batch_size: int, desc: str, progress: bo
     return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
 
 
-def _compute_packed(trainer, fn, params, data: TrainData, split: str, batch_size: int,
-                    desc: str, progress: bool) -> dict:
+def _compute_packed(
+    trainer, fn, params, data: TrainData, split: str, batch_size: int, desc: str, progress: bool
+) -> dict:
     """`_compute` with each batch's pairs packed (`jaxcai.data.pairs`): each process packs
     the pairs its devices hold, so the pass computes each prompt once, with little
     padding."""

@@ -259,6 +259,6 @@ def test_synthetic_pairs_follow_the_hh_lengths():
 
     prompts = np.asarray([len(p["prompt"]) for p in pairs])
     responses = np.asarray([len(p["chosen"]) for p in pairs])
-    assert 20 <= prompts.min() and prompts.max() <= 900
+    assert prompts.min() >= 20 and prompts.max() <= 900
     assert 120 < prompts.mean() < 150 and 260 < np.percentile(prompts, 90) < 330
-    assert 5 <= responses.min() and responses.max() <= 600 and 45 < responses.mean() < 62
+    assert responses.min() >= 5 and responses.max() <= 600 and 45 < responses.mean() < 62

@@ -31,7 +31,11 @@ LENGTHS = (32, 64, 128, 256)
 CONFIGS = {
     "llama": ModelConfig.tiny(),
     "window_qk_norm": ModelConfig.tiny(
-        sliding_window=5, scan_layers=False, qk_norm=True, qkv_bias=True, head_dim=24,
+        sliding_window=5,
+        scan_layers=False,
+        qk_norm=True,
+        qkv_bias=True,
+        head_dim=24,
         tie_embeddings=False,
     ),  # fmt: skip
 }
@@ -67,9 +71,10 @@ def _params(mc: ModelConfig, head: str = "lm"):
     noise = jax.random.key(1)  # a non-zero reward head and biases
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(noise, len(leaves))
-    return tree.unflatten(
-        [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    )
+    noisy = [
+        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    return tree.unflatten(noisy)
 
 
 def _batches(pairs, **pack):
@@ -104,9 +109,7 @@ def test_row_counts_groups_and_offsets():
     rows = packed["packed"]
     assert rows["tokens"].shape[0] % 8 == 0  # 2 groups, a multiple of 4 rows each
     half = rows["tokens"].shape[0] // 2
-    assert set(np.unique(rows["pair"][:half][rows["segment_ids"][:half] > 0])) <= set(
-        range(16, 20)
-    )
+    assert set(np.unique(rows["pair"][:half][rows["segment_ids"][:half] > 0])) <= set(range(16, 20))
     assert [row_count(n) for n in (1, 2, 3, 5, 7, 9, 13, 17)] == [1, 2, 3, 6, 8, 12, 16, 24]
     assert row_count(5, 4) == 8
     with pytest.raises(ValueError, match="fits no row length"):
@@ -127,9 +130,7 @@ def test_a_pair_that_fills_a_row_and_rows_of_one_short_pair():
     assert (rows["segment_ids"][1] > 0).sum() == packed_length(short)
 
 
-@pytest.mark.parametrize(
-    "name", ["llama", pytest.param("window_qk_norm", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("name", ["llama", pytest.param("window_qk_norm", marks=pytest.mark.slow)])
 def test_packed_logps_rewards_losses_and_gradients_equal_unpacked(name):
     mc = CONFIGS[name]
     unpacked, packed = _batches(_pairs())
@@ -179,7 +180,9 @@ def test_unpad_pairs_round_trips_padded_rows():
 
 
 def test_pipeline_packs_the_same_pairs_in_the_same_order():
-    cfg = compose(["objective=dpo", "data=preferences", "data.max_len=64", "objective.reference=model"])
+    cfg = compose(
+        ["objective=dpo", "data=preferences", "data.max_len=64", "objective.reference=model"]
+    )
     tok = Tokenizer.load()
     batches = {}
     for pack in (True, False):
@@ -231,8 +234,16 @@ def test_branch_mask_keeps_responses_apart():
     a = _pair(gen, 10, 6, 6)
     b = {**a, "chosen": response_sequence(list(a["chosen"]["tokens"][:10]), [7] * 6)}
     params = _params(mc)
-    fwd = jax.jit(lambda p, r: M.forward(mc, p, r["tokens"], segment_ids_BT=r["segment_ids"],
-                                         positions_BT=r["positions"], branch_BT=r["branch"]))
+    fwd = jax.jit(
+        lambda p, r: M.forward(
+            mc,
+            p,
+            r["tokens"],
+            segment_ids_BT=r["segment_ids"],
+            positions_BT=r["positions"],
+            branch_BT=r["branch"],
+        )
+    )
     rows = [pack_pairs([x], lengths=(32,), pad_id=0)["packed"] for x in (a, b)]
     logits = [np.asarray(fwd(params, r)) for r in rows]
     rejected = rows[0]["branch"] == 2
