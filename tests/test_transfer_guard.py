@@ -69,11 +69,11 @@ def test_decode_loop_copies_nothing_between_host_and_device():
         stop_ids=jnp.asarray([-1], jnp.int32),
     )
     until = jnp.int32(N)
-    prefill_step(mc, params, tokens, segments, keys, live, rules, N)  # compile outside
-    decode_steps(mc, params, prefill_step(mc, params, tokens, segments, keys, live, rules, N),
-                 until, rules)  # fmt: skip
+    budget = jnp.full((B,), N, jnp.int32)  # each row's new-token budget
+    prefill = lambda: prefill_step(mc, params, tokens, segments, keys, live, budget, rules, N)
+    decode_steps(mc, params, prefill(), until, rules)  # compile outside
     with jax.transfer_guard("disallow"):
-        state = prefill_step(mc, params, tokens, segments, keys, live, rules, N)
+        state = prefill()
         state = decode_steps(mc, params, state, until, rules)
     assert int(state.step) == N
     assert np.asarray(state.tokens_BN).shape == (B, N)
