@@ -52,7 +52,10 @@ def test_rl_update_is_the_same_on_one_and_eight_devices():
         pa, pb = a.pop("params"), b.pop("params")
         assert set(a) == set(b) and set(pa) == set(pb)
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=key)
+            # A clip fraction counts tokens past a threshold: float32 rounding may move
+            # one token (of ~60) across it.
+            atol = 0.02 if key.endswith("clipfrac") else 1e-6
+            np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=atol, err_msg=key)
         for key in pa:
             np.testing.assert_allclose(pb[key], pa[key], rtol=2e-5, err_msg=key)
 
