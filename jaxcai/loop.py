@@ -107,7 +107,7 @@ def _context(cfg: DictConfig, run_dir: Path, trainer, fmt: ChatFormat) -> RunCon
     feed = Feed(
         iterator, batch_size=t.batch_size, grad_accum=t.grad_accum, mesh=trainer.mesh,
         rules=trainer.rules, shard_count=shard_count, pad_id=tok.pad_id,
-        fixed_width=data.layout.fixed_width, pairs=trainer.objective.pairs,
+        fixed_width=data.layout.fixed_width,
         check=lambda rows: _check_rows(trainer, cfg, rows),
     )  # fmt: skip
     ckpt, writer, state = _outputs(cfg, run_dir, trainer)

@@ -186,7 +186,6 @@ class Feed:
         shard_count: int = 1,
         pad_id: int = 0,
         fixed_width: bool = True,
-        pairs: bool = False,
         check: Any = None,
     ):
         self.iterator = iterator
@@ -194,7 +193,7 @@ class Feed:
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.mesh, self.rules = mesh, rules
         self.shard_count, self.pad_id = shard_count, pad_id
-        self.fixed_width, self.pairs = fixed_width, pairs
+        self.fixed_width = fixed_width
 
     def next(self) -> tuple[dict[str, Any], int]:
         local = next(self.iterator)
