@@ -29,15 +29,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcai.logprobs import token_logps_of
 from jaxcai.losses import (
-    chunked_token_logps,
     dpo_loss,
     reward_loss,
     sequence_logps_from_logps,
     sft_loss_from_logps,
-    token_logps,
 )
-from jaxcai.model import Params, forward, forward_hidden, lm_head, reward_forward, value_forward
+from jaxcai.model import Params, reward_forward, value_forward
 from jaxcai.model_config import ModelConfig
 
 __all__ = [
@@ -217,19 +216,6 @@ def model_inputs(batch: Batch, pair: bool = False) -> dict[str, jax.Array | None
     }
 
 
-def token_logps_of(
-    mc: ModelConfig, params: Params, inputs: dict, targets_BT: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Token log-probs of `targets_BT` and argmax hits [B, T]: from the full logits, or
-    `mc.logits_chunk` positions at a time (`losses.chunked_token_logps`)."""
-    if mc.logits_chunk:
-        hidden = forward_hidden(mc, params, **inputs)
-        head_DV, cap = lm_head(mc, params), mc.final_logit_softcap
-        return chunked_token_logps(hidden, head_DV, targets_BT, mc.logits_chunk, cap)
-    logits = forward(mc, params, **inputs)
-    return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
-
-
 def _packed_inputs(rows: Batch) -> dict[str, jax.Array]:
     """Model inputs of packed pair rows: the branches shape the attention mask."""
     return {
@@ -251,13 +237,15 @@ def pair_logps(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array
     from unpacked rows or packed ones (one forward pass either way)."""
     if "packed" in batch:
         rows, n = batch["packed"], batch["weight"].shape[0]
-        logps, _ = token_logps_of(mc, params, _packed_inputs(rows), rows["targets"])
+        inputs = _packed_inputs(rows)
+        logps, _ = token_logps_of(mc, params, inputs, rows["targets"], rows["mask"])
         sides = [(rows["mask"] != 0) & (rows["branch"] == b) for b in (1, 2)]
         sums = [_per_pair(logps, side, rows["pair"], n) for side in sides]
         counts = [_per_pair(jnp.ones_like(logps), side, rows["pair"], n) for side in sides]
         return jnp.concatenate(sums), jnp.concatenate(counts)
-    logps, _ = token_logps_of(mc, params, model_inputs(batch, pair=True), _pair(batch, "targets"))
-    return sequence_logps_from_logps(logps, _pair(batch, "mask"))
+    inputs, mask = model_inputs(batch, pair=True), _pair(batch, "mask")
+    logps, _ = token_logps_of(mc, params, inputs, _pair(batch, "targets"), mask)
+    return sequence_logps_from_logps(logps, mask)
 
 
 def pair_rewards(mc: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -283,7 +271,8 @@ def _soft_label(oc: Any, batch: Batch) -> jax.Array | None:
 
 def lm_loss(mc: ModelConfig, oc: Any, params: Params, batch: Batch, ref_params=None):
     """Next-token cross entropy over `mask` (every token for `lm`, the response for `sft`)."""
-    logps, correct = token_logps_of(mc, params, model_inputs(batch), batch["targets"])
+    inputs = model_inputs(batch)
+    logps, correct = token_logps_of(mc, params, inputs, batch["targets"], batch["mask"])
     return sft_loss_from_logps(logps, correct, batch["mask"])
 
 

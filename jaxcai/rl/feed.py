@@ -36,6 +36,7 @@ from jaxcai.data.batches import (
 )
 from jaxcai.data.pairs import pack_pairs, unpad_pairs
 from jaxcai.hooks import Hook, RunContext, TrainingError
+from jaxcai.logprobs import token_logps_of
 from jaxcai.rl.algorithms import Scored, rollout_metrics, targets
 from jaxcai.rl.prompts import RolloutState, open_prompts
 from jaxcai.rl.rewards import JudgeReward, pair_probabilities, reward_source, shape
@@ -50,7 +51,7 @@ __all__ = ["RolloutFeed", "RolloutHook", "make_feed"]
 def _token_logps(config, params, batch) -> jax.Array:
     micro = jax.tree_util.tree_map(lambda x: x[0], batch)
     inputs = objectives.model_inputs(micro)
-    return objectives.token_logps_of(config, params, inputs, micro["targets"])[0]
+    return token_logps_of(config, params, inputs, micro["targets"], micro["mask"])[0]
 
 
 class RolloutFeed:

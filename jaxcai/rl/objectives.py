@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcai import objectives, rl_losses
-from jaxcai.objectives import Objective, model_inputs, token_logps_of
+from jaxcai.logprobs import token_logps_of
+from jaxcai.objectives import Objective, model_inputs
 
 __all__ = ["RL_OBJECTIVES", "validate_rl"]
 
@@ -39,7 +40,8 @@ def _per_token(*keys: str):
 
 
 def _logps(mc, params, batch) -> jax.Array:
-    return token_logps_of(mc, params, model_inputs(batch), batch["targets"])[0]
+    inputs = model_inputs(batch)
+    return token_logps_of(mc, params, inputs, batch["targets"], batch["mask"])[0]
 
 
 def _counts(batch) -> jax.Array:
