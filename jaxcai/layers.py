@@ -54,20 +54,12 @@ def project(
     (alpha / r) * (x @ A) @ B with float32 adapters `{name}_lora_a` [in..., r] (random) and
     `{name}_lora_b` [r, out...] (zeros, so a fresh adapter leaves the model unchanged)."""
     c: ModelConfig = module.config
-    ins, outs = dims.split(",")
-    kernel = param(module, f"{name}_kernel", shape, names)
-    y = jnp.einsum(f"bt{ins},{ins}{outs}->bt{outs}", x, kernel.astype(c.jnp_dtype))
-    return _with_lora(module, name, x, y, dims, shape, names)
-
-
-def _with_lora(module, name: str, x: Array, y: Array, dims: str, shape, names) -> Array:
-    """`y` (the projection of `x` by `{name}_kernel`) plus its LoRA delta when `name` is
-    a LoRA target (see `project`)."""
-    c: ModelConfig = module.config
-    if not c.lora_rank or name not in c.lora_targets:
-        return y
     dt = c.jnp_dtype
     ins, outs = dims.split(",")
+    kernel = param(module, f"{name}_kernel", shape, names)
+    y = jnp.einsum(f"bt{ins},{ins}{outs}->bt{outs}", x, kernel.astype(dt))
+    if not c.lora_rank or name not in c.lora_targets:
+        return y
     r, n_in = c.lora_rank, len(ins)
     fan_in = math.prod(shape[:n_in])
     a_init = nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
@@ -115,16 +107,8 @@ class MLP(nn.Module):
         c = self.config
         dt = c.jnp_dtype
         zeros = nn.initializers.zeros
-        # Gate and up as one matmul over their kernels stacked on a new axis (the `mlp`
-        # axis stays where it is, so a tensor-parallel split needs no reshuffle).
-        shape, names = (c.d_model, c.d_ff), ("embed", "mlp")
-        kernel_D2F = jnp.stack(
-            [param(self, f"{n}_kernel", shape, names).astype(dt) for n in ("gate", "up")], 1
-        )
-        gate_up_BT2F = jnp.einsum("btd,dsf->btsf", x_BTD, kernel_D2F)
-        gate, up = gate_up_BT2F[:, :, 0], gate_up_BT2F[:, :, 1]
-        gate = _with_lora(self, "gate", x_BTD, gate, "d,f", shape, names)
-        up = _with_lora(self, "up", x_BTD, up, "d,f", shape, names)
+        gate = project(self, "gate", x_BTD, "d,f", (c.d_model, c.d_ff), ("embed", "mlp"))
+        up = project(self, "up", x_BTD, "d,f", (c.d_model, c.d_ff), ("embed", "mlp"))
         if c.mlp_bias:
             gate = gate + param(self, "gate_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
             up = up + param(self, "up_bias", (c.d_ff,), ("mlp",), zeros).astype(dt)
