@@ -71,8 +71,13 @@ def test_generate_benchmark_reports_throughput(tmp_path):
         "prompt_len=8",
         "new_tokens=4",
         "repeats=1",
+        "mixed.prompts=6",  # the mixed-length case, small: 6 budgets of 2-12 on 4 rows
+        "mixed.batch=4",
+        "mixed.min_new=2",
+        "mixed.max_new=12",
     )
     assert result["model"] == "tiny" and [r["batch"] for r in result["results"]] == [1, 2]
+    assert result["mixed"]["greedy_equal"]
     assert all(r["new_tokens_per_s"] > 0 for r in result["results"])
     assert result["new_tokens_per_s"] == result["results"][1]["new_tokens_per_s"]
     assert result["ratio_vs_transformers"] > 0 and result["peak_rss_mb"] > 0
