@@ -8,7 +8,8 @@ mask runs them on the masked positions only.
 
 Shapes stay static: the masked positions of each row are gathered into `M` slots, where
 `M` is the smallest of a few fixed fractions of the row length (1/4, 1/2, 3/4, whole)
-that holds the fullest row of the batch. Every fraction is compiled once into a
+that holds the fullest row of the batch (for vocabularies of at least `MIN_GATHER_VOCAB`;
+smaller ones run the dense head and zero the rest). Every fraction is compiled once into a
 `lax.switch`, and the device runs the one branch the batch needs. The values scatter
 back to `[B, T]`, zero where the mask is not set, so callers see the layout they always
 had. Each kept position's log-prob is the same product of its hidden state and the head
@@ -24,12 +25,15 @@ from jaxcai.losses import chunked_token_logps, token_logps
 from jaxcai.model import Params, forward, forward_hidden, lm_head
 from jaxcai.model_config import ModelConfig
 
-__all__ = ["SLOT_FRACTIONS", "gather_sizes", "token_logps_of"]
+__all__ = ["MIN_GATHER_VOCAB", "SLOT_FRACTIONS", "gather_sizes", "token_logps_of"]
 
 Array = jax.Array
 
 SLOT_FRACTIONS = (4, 2, 4 / 3)  # gather T / f positions per row: a quarter, half, 3/4
 MIN_GATHER = 64  # rows shorter than this always run the dense head
+# Smaller vocabularies run the dense head: there the saving was within the noise of a
+# step (benchmarks/README.md), while the extra branches cost compile time.
+MIN_GATHER_VOCAB = 32768
 
 
 def gather_sizes(length: int) -> tuple[int, ...]:
@@ -97,7 +101,7 @@ def token_logps_of(
         logps, hits = _head_logps(mc, params, h, targets_BT)
         return jnp.where(mask_BT, logps, 0.0), hits & mask_BT
 
-    if len(sizes) == 1:
+    if len(sizes) == 1 or mc.vocab_size < MIN_GATHER_VOCAB:
         return dense(hidden)
     branches = [
         (lambda h, s=s: _gathered(mc, params, h, targets_BT, mask_BT, s)) for s in sizes[:-1]

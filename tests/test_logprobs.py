@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxcai import model as M
-from jaxcai.logprobs import gather_sizes, token_logps_of
+from jaxcai.logprobs import MIN_GATHER_VOCAB, gather_sizes, token_logps_of
 from jaxcai.model_config import ModelConfig
 
 T = 96  # widths 24, 48, 72 and the dense 96
@@ -26,7 +26,11 @@ def test_gather_sizes_end_with_the_row_length():
 # gathered width, the dense head, and the chunked head with a soft-cap.
 @pytest.mark.parametrize("chunk,fullest", [(0, 5), (0, 70), (0, 96), (32, 40)])
 def test_masked_head_equals_the_dense_head(chunk, fullest):
-    cfg = ModelConfig.tiny(logits_chunk=chunk, final_logit_softcap=30.0 if chunk else None)
+    cfg = ModelConfig.tiny(
+        vocab_size=MIN_GATHER_VOCAB,  # smaller vocabularies always run the dense head
+        logits_chunk=chunk,
+        final_logit_softcap=30.0 if chunk else None,
+    )
     params = M.init_params(cfg, jax.random.key(0))
     gen = np.random.default_rng(fullest)
     tokens = jnp.asarray(gen.integers(3, cfg.vocab_size, (3, T)), jnp.int32)
