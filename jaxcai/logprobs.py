@@ -93,16 +93,17 @@ def token_logps_of(
             return _head_logps(mc, params, hidden, targets_BT)
         logits = forward(mc, params, **inputs)
         return token_logps(logits, targets_BT), jnp.argmax(logits, axis=-1) == targets_BT
-    hidden = forward_hidden(mc, params, **inputs)
     mask_BT = mask_BT != 0
     sizes = gather_sizes(targets_BT.shape[1])
+    if len(sizes) == 1 or mc.vocab_size < MIN_GATHER_VOCAB:  # the unmasked path, zeroed
+        logps, hits = token_logps_of(mc, params, inputs, targets_BT)
+        return jnp.where(mask_BT, logps, 0.0), hits & mask_BT
+    hidden = forward_hidden(mc, params, **inputs)
 
     def dense(h):
         logps, hits = _head_logps(mc, params, h, targets_BT)
         return jnp.where(mask_BT, logps, 0.0), hits & mask_BT
 
-    if len(sizes) == 1 or mc.vocab_size < MIN_GATHER_VOCAB:
-        return dense(hidden)
     branches = [
         (lambda h, s=s: _gathered(mc, params, h, targets_BT, mask_BT, s)) for s in sizes[:-1]
     ]
