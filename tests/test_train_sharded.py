@@ -159,7 +159,10 @@ def test_sharded_training_equals_single_device(reference, sharded, run_root, obj
     )
 
 
-@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+# Slow: with the reference fixture it waits on, it was the longest default test (77 s);
+# the slow run launches those references anyway, so there it costs only its own two processes.
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_two_processes_equal_single_device(reference, run_root, objective):
     """Two processes with 4 devices each (Gloo over 127.0.0.1) share one run directory."""
     run_dir = run_root / "two_processes" / objective
